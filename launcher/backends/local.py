@@ -1,0 +1,61 @@
+"""The local backend: torchrun on this machine, in the foreground.
+
+`render` writes the resolved job file and the exact command; `submit` runs it and returns the
+worker's exit status as text. Nothing here imports torch: torchrun runs as a child process.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from launcher.config import JobConfig, Subject, dump_job
+from launcher.plan import make_plan
+
+COMMAND_FILE = "command.sh"
+
+
+def worker_command(job: JobConfig, job_file: Path, python: str | None = None) -> list[str]:
+    d = job.distributed
+    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nnodes={d.nnodes}", f"--nproc-per-node={d.nproc_per_node}",
+            "-m", "training.worker", "--job", str(job_file)]
+
+
+def worker_env(job: JobConfig, subjects: list[Subject]) -> dict[str, str]:
+    plan = make_plan(job, len(subjects))
+    env = dict(plan.env)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // job.distributed.nproc_per_node)))
+    return env
+
+
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job_file = out_dir / "job.yaml"
+    job_file.write_text(dump_job(job))
+    env = worker_env(job, subjects)
+    lines = ["#!/usr/bin/env bash", "set -euo pipefail"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    lines.append(shlex.join(worker_command(job, job_file.absolute(), python="python")))
+    script = out_dir / COMMAND_FILE
+    script.write_text("\n".join(lines) + "\n")
+    script.chmod(0o755)
+    return [job_file, script]
+
+
+def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
+    render(job, subjects, out_dir)
+    cmd = worker_command(job, (out_dir / "job.yaml").absolute())
+    if dry_run:
+        return (out_dir / COMMAND_FILE).read_text()
+    env = dict(os.environ, **worker_env(job, subjects))
+    num_shards = int(env["DREAMFLEET_NUM_SHARDS"])
+    codes = []
+    for shard in range(num_shards):  # locally, shards run one after another
+        env["DREAMFLEET_SHARD_INDEX"] = str(shard)
+        codes.append(subprocess.run(cmd, env=env).returncode)
+    worst = max(codes)
+    return f"exit {worst}"

@@ -1,0 +1,179 @@
+"""`launcher`: the command-line interface. Typer commands only; the work is done elsewhere.
+
+    launcher validate job.yaml train.steps=400
+    launcher render job.yaml --backend slurm --out deploy/
+    launcher submit job.yaml --backend local
+    launcher status job.yaml
+    launcher demo
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from launcher.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="dreamfleet: DreamBooth adapters for many subjects on Slurm, Kubernetes or this machine.")
+
+JobArg = typer.Argument(..., help="Job file (YAML).", show_default=False)
+OverridesArg = typer.Argument(None, help="Dotted overrides after the job file, e.g. train.steps=400.", show_default=False)
+BackendOpt = typer.Option(None, "--backend", "-b", help="local | slurm | kubernetes (default: cluster.backend).")
+
+
+def _err(message: str) -> None:
+    typer.secho(message, fg=typer.colors.RED, err=True)
+
+
+def user_errors(fn):
+    """Print user mistakes as a message and exit 2; never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as exc:
+            _err(f"error: {exc}")
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def _load(job_file: Path, overrides: Optional[List[str]]):
+    from launcher.config import load_job
+    from launcher.subjects import resolve_subjects
+
+    job = load_job(job_file, overrides or [])
+    return job, resolve_subjects(job)
+
+
+@app.command()
+@user_errors
+def validate(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg,
+             inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Also check the model and the subjects' images.")):
+    """Check a job file and the inputs it names; list every problem at once."""
+    from launcher.errors import InputError
+    from launcher.validate import check_job
+
+    job, subjects = _load(job_file, overrides)
+    errors, notes = check_job(job, check_inputs=inputs)
+    for note in notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    if errors:
+        raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)
+    typer.echo(f"{job_file}: ok ({len(subjects)} subject(s), adapter {job.adapter.type} rank {job.adapter.rank}, "
+               f"strategy {job.distributed.strategy}, {job.distributed.nnodes}x{job.distributed.nproc_per_node} processes)")
+
+
+@app.command()
+@user_errors
+def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg, backend: Optional[str] = BackendOpt,
+           out: Path = typer.Option(..., "--out", "-o", help="Directory to write the rendered files into.")):
+    """Write what would be submitted (batch script or manifests) and the resolved job file."""
+    from launcher.backends import get_backend
+
+    job, subjects = _load(job_file, overrides)
+    paths = get_backend(backend or job.cluster.backend).render(job, subjects, out)
+    for path in paths:
+        typer.echo(str(path))
+
+
+@app.command()
+@user_errors
+def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg, backend: Optional[str] = BackendOpt,
+           dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be submitted, submit nothing."),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where rendered files go (default .dreamfleet/<job>/<backend>)."),
+           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Check inputs before submitting.")):
+    """Render and submit a job; the local backend trains in the foreground."""
+    from launcher.backends import get_backend
+    from launcher.errors import InputError
+    from launcher.validate import check_job
+
+    job, subjects = _load(job_file, overrides)
+    name = backend or job.cluster.backend
+    errors, notes = check_job(job, check_inputs=inputs and name == "local")
+    for note in notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    if errors:
+        raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)
+    out = out or Path(".dreamfleet") / job.name / name
+    result = get_backend(name).submit(job, subjects, out, dry_run=dry_run)
+    typer.echo(result)
+    if name == "local" and not dry_run:
+        _print_status_table(job.job_uri)
+        code = int(result.split()[-1])
+        if code:
+            raise typer.Exit(code)
+
+
+def _job_uri(target: str) -> str:
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        from launcher.config import load_job
+
+        return load_job(target).job_uri
+    return target
+
+
+def _print_status_table(job_uri: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher import ledger, storage
+
+    table = Table(title=f"subjects in {storage.redact(job_uri)}")
+    for col in ("subject", "state", "step", "final loss", "output"):
+        table.add_column(col)
+    for s in ledger.list_statuses(job_uri):
+        loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
+        where = ledger.subject_uri(job_uri, s.id) if s.state == "done" else (s.error or "")[:80]
+        table.add_row(s.id, s.state, f"{s.step}/{s.steps}", loss, where)
+    Console(stderr=False, width=160).print(table)
+
+
+@app.command()
+@user_errors
+def status(target: str = typer.Argument(..., help="Job file or the job's output URI (<output>/<job name>)."),
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """Per-subject state from the ledger in the output."""
+    from dataclasses import asdict
+
+    from launcher import ledger
+
+    job_uri = _job_uri(target)
+    if as_json:
+        typer.echo(json.dumps([asdict(s) for s in ledger.list_statuses(job_uri)], indent=2))
+    else:
+        _print_status_table(job_uri)
+
+
+@app.command()
+@user_errors
+def demo(job_file: Optional[Path] = typer.Argument(None, help="Job to run (default: examples/quickstart.yaml)."),
+         overrides: Optional[List[str]] = OverridesArg):
+    """Build a tiny random-weight model and synthetic subjects if missing, and train them locally."""
+    from launcher.demo import run_demo
+
+    raise typer.Exit(run_demo(job_file, overrides or []))
+
+
+@app.command()
+def version():
+    """Versions of dreamfleet and the libraries it trains with (for bug reports)."""
+    from launcher.versions import collect
+
+    for name, value in collect().items():
+        typer.echo(f"{name:14} {value}")
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

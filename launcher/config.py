@@ -1,0 +1,457 @@
+"""The job file: one typed, validated config tree (pydantic), loaded from YAML plus overrides.
+
+A job file has the sections model, adapter, train, prior, subjects, output, distributed and
+cluster. `load_job(path, ["train.steps=400"])` returns a `JobConfig` or raises `ConfigError`
+listing every problem with its dotted path. Relative paths in the file are taken relative to
+the current working directory, as any command-line tool does.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from launcher.errors import ConfigError
+
+SUBJECT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------- model
+
+
+class ModelConfig(Section):
+    source: str = Field(description="Diffusers-layout model: a local path, an fsspec URI (s3://, gs://, az://) or a Hub repo id.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a Hub repo id.")
+    variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16' for *.fp16.safetensors.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder on GPU; 'auto' is bf16 where supported, else fp16; always fp32 on CPU.")
+    cache_dir: str | None = Field(None, description="Node-local staging cache for remote models (local NVMe, an emptyDir); default ~/.cache/dreamfleet/models.")
+
+
+# --------------------------------------------------------------------------- adapters
+
+TargetPreset = Literal["minimal", "comprehensive"]
+
+
+class _AdapterSpec(Section):
+    rank: int = Field(8, gt=0, description="Adapter rank (dimension of the low-rank factors).")
+    alpha: float | None = Field(None, gt=0, description="Scaling numerator; the update is scaled by alpha/rank. Default: equal to rank.")
+    targets: TargetPreset | list[str] = Field("minimal", description="Module names to adapt: 'minimal', 'comprehensive', or an explicit list of module-name suffixes.")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_not_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("must name at least one module")
+        return value
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+
+class LoraSpec(_AdapterSpec):
+    type: Literal["lora"] = Field("lora", description="Adapter kind.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the LoRA input (peft lora_dropout).")
+    bias: Literal["none", "all", "lora_only"] = Field("none", description="Which biases to train (peft bias).")
+
+
+class _LycorisSpec(_AdapterSpec):
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout over the rank dimension during training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping the whole adapter of a module during training.")
+    use_effective_conv2d: bool = Field(False, description="Use the parameter-efficient Tucker form for convolutions with kernel > 1.")
+
+
+class LohaSpec(_LycorisSpec):
+    type: Literal["loha"] = Field("loha", description="Adapter kind.")
+
+
+class LokrSpec(_LycorisSpec):
+    type: Literal["lokr"] = Field("lokr", description="Adapter kind.")
+    decompose_both: bool = Field(False, description="Also decompose the left Kronecker factor into low-rank matrices.")
+    decompose_factor: int = Field(-1, description="Kronecker factor size; -1 picks the most square factorisation.")
+
+
+AdapterSpec = Annotated[Union[LoraSpec, LohaSpec, LokrSpec], Field(discriminator="type")]
+
+
+class LoraAdapter(LoraSpec):
+    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the text encoder, with its own type, rank, alpha and targets.")
+
+
+class LohaAdapter(LohaSpec):
+    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the text encoder, with its own type, rank, alpha and targets.")
+
+
+class LokrAdapter(LokrSpec):
+    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the text encoder, with its own type, rank, alpha and targets.")
+
+
+UNetAdapter = Annotated[Union[LoraAdapter, LohaAdapter, LokrAdapter], Field(discriminator="type")]
+
+
+# --------------------------------------------------------------------------- training
+
+
+class SamplesConfig(Section):
+    prompts: list[str] = Field(default_factory=lambda: ["a photo of {instance} in a garden"], description="Validation prompts rendered at the end; '{instance}' is replaced by the subject's instance prompt.")
+    num_inference_steps: int = Field(20, gt=0, description="Sampler steps per validation image.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale for validation images.")
+    enabled: bool = Field(True, description="Render validation images into samples/ after training.")
+
+
+class TrainConfig(Section):
+    steps: int = Field(400, gt=0, description="Optimizer steps per subject.")
+    batch_size: int = Field(1, gt=0, description="Instance images per step per process (prior images are added on top).")
+    gradient_accumulation: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate of the UNet adapter.")
+    text_encoder_learning_rate: float | None = Field(None, gt=0, description="Learning rate of the text-encoder adapter; default: learning_rate.")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = Field("adamw8bit", description="Optimizer: torch AdamW, or bitsandbytes AdamW8bit (paged variant on GPU only).")
+    weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="Autocast dtype on GPU; 'auto' is bf16 where supported. CPU always trains in fp32.")
+    seed: int = Field(0, description="Base seed; each subject's seed derives from it and the subject id.")
+    resolution: int = Field(512, ge=8, description="Training image side in pixels (images are resized and cropped to a square).")
+    center_crop: bool = Field(True, description="Center-crop after resizing (else a seeded random crop).")
+    random_flip: bool = Field(False, description="Randomly flip images horizontally.")
+    noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0 disables).")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory (never on a text encoder with an adapter).")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at preemption).")
+    keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep per subject.")
+    log_every: int = Field(10, gt=0, description="Write a metrics line (and a log line off-terminal) every N steps.")
+    pack: int | Literal["auto"] = Field(1, description="Subjects trained together in one batch on one frozen base (1: one at a time; 'auto' on GPU picks from free memory).")
+    compile: bool = Field(False, description="torch.compile the UNet (GPU only).")
+    samples: SamplesConfig = Field(default_factory=SamplesConfig, description="Validation images rendered after training.")
+
+    @field_validator("pack")
+    @classmethod
+    def _pack_positive(cls, value):
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be >= 1 or 'auto', got {value}")
+        return value
+
+
+class PriorConfig(Section):
+    enabled: bool = Field(False, description="Prior preservation with class images (DreamBooth's class-specific prior loss).")
+    num_class_images: int = Field(100, gt=0, description="Class images per class prompt; missing ones are generated by the frozen base model.")
+    loss_weight: float = Field(1.0, ge=0, description="Weight of the prior MSE in the combined loss.")
+    sample_steps: int = Field(25, gt=0, description="Sampler steps when generating class images.")
+    guidance_scale: float = Field(7.5, ge=0, description="Guidance scale when generating class images.")
+    store: str | None = Field(None, description="Where class images live (any URI); default <output>/<job>/priors.")
+
+
+# --------------------------------------------------------------------------- subjects
+
+
+class Subject(Section):
+    id: str = Field(description="Unique subject id, safe as a path component and a label: [A-Za-z0-9][A-Za-z0-9._-]*.")
+    images: str | list[str] = Field(description="A folder (path or URI) of instance images, or a list of image paths/URIs.")
+    instance_prompt: str = Field(description="Prompt with the rare identifier, e.g. 'a photo of sks dog'.")
+    class_prompt: str | None = Field(None, description="Class prompt for prior preservation, e.g. 'a photo of a dog'.")
+    steps: int | None = Field(None, gt=0, description="Per-subject override of train.steps.")
+    learning_rate: float | None = Field(None, gt=0, description="Per-subject override of train.learning_rate.")
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        if not SUBJECT_ID_RE.match(value) or value in (".", ".."):
+            raise ValueError(
+                f"{value!r} is not a safe subject id: use letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit, at most 128 characters"
+            )
+        return value
+
+    @field_validator("instance_prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("images")
+    @classmethod
+    def _images_not_empty(cls, value):
+        if (isinstance(value, list) and not value) or (isinstance(value, str) and not value.strip()):
+            raise ValueError("must name a folder or at least one image")
+        return value
+
+
+# --------------------------------------------------------------------------- output / distributed
+
+
+class OutputConfig(Section):
+    uri: str = Field("./outputs", description="Where results go (any fsspec URI or a local path); results land under <uri>/<job name>/.")
+    formats: list[Literal["peft", "diffusers", "kohya"]] = Field(default_factory=lambda: ["peft", "diffusers", "kohya"], description="Adapter formats written for each subject.")
+    max_attempts: int = Field(3, gt=0, description="Attempts per subject before it stays failed.")
+    heartbeat_s: int = Field(60, gt=0, description="How often a running subject's status.json heartbeat is refreshed.")
+    stale_after_s: int = Field(600, gt=0, description="A 'running' subject whose heartbeat is older than this is taken over.")
+
+
+class DistributedConfig(Section):
+    strategy: Literal["subject", "ddp", "deepspeed"] = Field("subject", description="subject: each rank trains its own subjects; ddp: data-parallel per subject; deepspeed: ZeRO per subject.")
+    nnodes: int = Field(1, gt=0, description="Nodes (one torchrun agent per node).")
+    nproc_per_node: int = Field(1, gt=0, description="Worker processes per node (one per GPU on GPU nodes).")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage when strategy is deepspeed.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU (uses DeepSpeed's CPU Adam).")
+    offload_params: bool = Field(False, description="Offload parameters to CPU (ZeRO-3 only).")
+    deepspeed_config: dict[str, Any] | None = Field(None, description="Raw DeepSpeed config merged over the generated one.")
+    backend: Literal["auto", "nccl", "gloo"] = Field("auto", description="Process-group backend; auto is nccl on GPU, gloo on CPU.")
+    timeout_s: int = Field(1800, gt=0, description="Collective timeout in seconds.")
+    rdzv_port: int = Field(29500, gt=0, lt=65536, description="Rendezvous port on the first node (Slurm derives one from the job id).")
+
+    @model_validator(mode="after")
+    def _offload_params_needs_zero3(self):
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs zero_stage 3")
+        return self
+
+
+# --------------------------------------------------------------------------- cluster
+
+
+class SlurmConfig(Section):
+    partition: str | None = Field(None, description="#SBATCH --partition.")
+    account: str | None = Field(None, description="#SBATCH --account.")
+    qos: str | None = Field(None, description="#SBATCH --qos.")
+    time: str = Field("04:00:00", description="#SBATCH --time (wall-clock limit).")
+    gpus_per_node: int = Field(0, ge=0, description="#SBATCH --gpus-per-node (0: none).")
+    gres: str | None = Field(None, description="#SBATCH --gres, instead of gpus_per_node (e.g. 'gpu:a100:8').")
+    cpus_per_task: int | None = Field(None, gt=0, description="#SBATCH --cpus-per-task.")
+    mem: str | None = Field(None, description="#SBATCH --mem (e.g. '64G').")
+    constraint: str | None = Field(None, description="#SBATCH --constraint.")
+    exclusive: bool = Field(False, description="#SBATCH --exclusive.")
+    log_dir: str = Field("slurm-logs", description="Directory of the job's stdout/stderr files.")
+    extra: list[str] = Field(default_factory=list, description="Extra #SBATCH options, e.g. ['--reservation=foo'].")
+    runtime: Literal["none", "pyxis", "apptainer", "podman", "docker"] = Field("none", description="How workers run: bare venv, or a container runtime.")
+    venv: str | None = Field(None, description="Virtualenv on shared storage to activate for runtime 'none'.")
+    mounts: list[str] = Field(default_factory=list, description="Container bind mounts 'SRC:DST[:ro]'.")
+    array_throttle: int | None = Field(None, gt=0, description="Max array tasks running at once (the %N of --array).")
+    signal_grace_s: int = Field(120, gt=0, description="Seconds before the time limit at which workers are told to checkpoint.")
+    max_requeues: int = Field(3, ge=0, description="Requeues after preemption or time limit before giving up.")
+
+
+class KubernetesConfig(Section):
+    namespace: str = Field("default", description="Namespace of the rendered objects.")
+    flavour: Literal["indexed-job", "pytorchjob", "jobset"] = Field("indexed-job", description="Workload kind: a plain Indexed Job (no operator), a Kubeflow PyTorchJob, or a JobSet.")
+    queue: str | None = Field(None, description="Kueue LocalQueue name; the workload is created suspended for Kueue to admit.")
+    gpus_per_pod: int = Field(0, ge=0, description="nvidia.com/gpu per pod.")
+    cpu: str = Field("4", description="CPU request and limit per pod.")
+    memory: str = Field("32Gi", description="Memory request and limit per pod.")
+    shm_size: str = Field("8Gi", description="Size of the memory-backed /dev/shm.")
+    cache_size: str = Field("100Gi", description="Size of the scratch volume holding the node-local model cache.")
+    cache_claim: str | None = Field(None, description="PersistentVolumeClaim for the model cache instead of an emptyDir.")
+    credentials_secret: str | None = Field(None, description="Secret whose keys become the bucket credentials' environment (by reference only).")
+    service_account: str | None = Field(None, description="ServiceAccount, e.g. for workload identity.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Pod nodeSelector.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=list, description="Pod tolerations.")
+    affinity: dict[str, Any] | None = Field(None, description="Pod affinity.")
+    priority_class: str | None = Field(None, description="priorityClassName.")
+    parallelism: int | None = Field(None, gt=0, description="Shards running at once in a fleet (default: all).")
+    backoff_limit: int = Field(3, ge=0, description="Retries of the job (per index for fleets).")
+    termination_grace_s: int = Field(300, gt=0, description="Grace period from SIGTERM to kill: time to checkpoint and exit.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Container imagePullPolicy.")
+
+
+class ClusterConfig(Section):
+    backend: Literal["local", "slurm", "kubernetes"] = Field("local", description="Default backend for submit/render when --backend is not given.")
+    image: str = Field("dreamfleet:latest", description="Worker container image.")
+    shards: int | None = Field(None, gt=0, description="Subject shards (array tasks / job indexes) for fleets; default: one per node group.")
+    env: dict[str, str] = Field(default_factory=dict, description="Extra non-secret environment for workers (never put credentials here).")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm settings.")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="Kubernetes settings.")
+
+
+# --------------------------------------------------------------------------- job
+
+
+class JobConfig(Section):
+    name: str = Field(description="Job name: lowercase letters, digits and '-', used in paths, Slurm and Kubernetes names.")
+    model: ModelConfig = Field(description="The base Stable Diffusion model.")
+    adapter: UNetAdapter = Field(default_factory=LoraAdapter, description="The adapter trained for each subject.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
+    prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior preservation.")
+    subjects: list[Subject] | str = Field(description="Subjects inline, or a JSONL/CSV manifest path or URI.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="Where and what to write.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Processes, nodes and parallel strategy.")
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Scheduler-specific settings.")
+
+    @field_validator("name")
+    @classmethod
+    def _dns_safe(cls, value: str) -> str:
+        if not JOB_NAME_RE.match(value):
+            raise ValueError(f"{value!r} must be lowercase letters, digits and '-', 1-52 characters, not starting or ending with '-'")
+        return value
+
+    @field_validator("subjects")
+    @classmethod
+    def _subjects(cls, value):
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("list at least one subject, or name a manifest")
+            seen: set[str] = set()
+            dupes = sorted({s.id for s in value if s.id in seen or seen.add(s.id)})
+            if dupes:
+                raise ValueError(f"duplicate subject ids: {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.prior.enabled and isinstance(self.subjects, list):
+            missing = [s.id for s in self.subjects if not s.class_prompt]
+            if missing:
+                raise ValueError(f"prior.enabled needs a class_prompt for every subject; missing for: {', '.join(missing)}")
+        return self
+
+    @property
+    def job_uri(self) -> str:
+        """Where this job's results live: <output.uri>/<name>."""
+        return self.output.uri.rstrip("/") + "/" + self.name
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'train.steps=400' -> (['train', 'steps'], 400). Values are parsed as YAML scalars/lists."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. train.steps=400")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({exc.problem})") from None
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Set dotted keys in a nested dict (lists are indexed by number: subjects.0.steps=5)."""
+    for item in overrides:
+        path, value = parse_override(item)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            where = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {item!r}: {where} is not an index of the list")
+                node = node[int(part)]
+            elif isinstance(node, dict):
+                node = node.setdefault(part, {})
+                if node is None:
+                    node = {}
+            else:
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:i])} is not a section")
+        last = path[-1]
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"override {item!r}: {last} is not an index of the list")
+            node[int(last)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {item!r}: {'.'.join(path[:-1])} is not a section")
+    return data
+
+
+def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | None:
+    """The section class addressed by a pydantic error location (for listing valid keys)."""
+    from typing import get_args, get_origin
+
+    cls: Any = root or JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
+            return None
+        field = cls.model_fields.get(part)
+        if field is None:
+            # a discriminated-union tag ("lora") appears in the location
+            continue
+        ann = field.annotation
+        candidates = [ann]
+        while candidates:
+            a = candidates.pop()
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                cls = a
+                break
+            candidates.extend(get_args(a))
+        else:
+            return None
+    return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if p not in ("lora", "loha", "lokr", "list[Subject]", "str"))
+        dotted = ".".join(str(p) for p in loc) or "(job file)"
+        if err["type"] == "extra_forbidden":
+            parent = _model_at(loc[:-1])
+            valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
+            problems.append(f"{dotted}: unknown key; valid keys here: {valid}")
+        elif err["type"] == "missing":
+            problems.append(f"{dotted}: required")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            if err["type"] in ("greater_than", "greater_than_equal", "less_than", "literal_error", "int_parsing", "float_parsing", "bool_parsing"):
+                msg = f"{msg}, got {got!r}"
+            problems.append(f"{dotted}: {msg}")
+    # the union of `subjects` reports the str branch too; keep the informative one
+    if any(p.startswith("subjects.") for p in problems):
+        problems = [p for p in problems if not p.startswith("subjects: Input should be a valid string")]
+    return problems
+
+
+def job_from_dict(data: Any, source: str = "job file") -> JobConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (name, model, subjects, ...)")
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{source} is invalid", _format_errors(exc)) from None
+
+
+def read_job_dict(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"job file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"job file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise ConfigError(f"job file {path} is empty")
+    return data
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job file, apply dotted overrides, validate; ConfigError lists every problem."""
+    data = read_job_dict(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"job file {path}: the top level must be a mapping of sections (name, model, subjects, ...)")
+    return job_from_dict(apply_overrides(data, overrides or []), source=f"job file {path}")
+
+
+def dump_job(job: JobConfig) -> str:
+    """The resolved job as YAML: what actually ran, saved next to the outputs."""
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

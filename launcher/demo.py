@@ -1,0 +1,58 @@
+"""`launcher demo`: the quickstart on this machine, with nothing to download.
+
+Builds a tiny random-weight Stable Diffusion model and a few synthetic subjects under
+`.dreamfleet/demo/` when they are missing (in a child process: the launcher imports no torch),
+then trains `examples/quickstart.yaml` with the local backend and prints where the adapters are.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+DEMO_DIR = Path(".dreamfleet/demo")
+MODEL_DIR = DEMO_DIR / "tiny-sd"
+SUBJECTS_DIR = DEMO_DIR / "subjects"
+NUM_SUBJECTS = 3
+
+
+def default_job() -> Path:
+    """examples/quickstart.yaml of the checkout this package runs from, else of the cwd."""
+    beside_package = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+    return beside_package if beside_package.exists() else Path("examples/quickstart.yaml")
+
+
+def ensure_assets() -> None:
+    if not (MODEL_DIR / "model_index.json").exists():
+        typer.echo(f"building a tiny random-weight model in {MODEL_DIR} (no download)")
+        subprocess.run([sys.executable, "-m", "training.tiny", "model", str(MODEL_DIR)], check=True,
+                       stdout=subprocess.DEVNULL)
+    if not all((SUBJECTS_DIR / f"subject-{i}").is_dir() for i in range(NUM_SUBJECTS)):
+        typer.echo(f"writing {NUM_SUBJECTS} synthetic subjects in {SUBJECTS_DIR}")
+        subprocess.run([sys.executable, "-m", "training.tiny", "subjects", str(SUBJECTS_DIR),
+                        "--count", str(NUM_SUBJECTS), "--images", "4"], check=True, stdout=subprocess.DEVNULL)
+
+
+def run_demo(job_file: Path | None, overrides: list[str]) -> int:
+    from launcher.backends import local
+    from launcher.config import load_job
+    from launcher.subjects import resolve_subjects
+
+    ensure_assets()
+    job_file = job_file or default_job()
+    job = load_job(job_file, overrides)
+    subjects = resolve_subjects(job)
+    started = time.perf_counter()
+    result = local.submit(job, subjects, Path(".dreamfleet") / job.name / "local")
+    elapsed = time.perf_counter() - started
+    from launcher.cli import _print_status_table
+
+    _print_status_table(job.job_uri)
+    code = int(result.split()[-1])
+    steps = sum(s.steps or job.train.steps for s in subjects)
+    typer.echo(f"{len(subjects)} subject(s), {steps} steps in {elapsed:.0f}s; adapters under {job.job_uri}/subjects/")
+    return code

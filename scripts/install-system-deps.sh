@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# System packages the integration tests use: a real Slurm (slurm-wlm, munge), a container
+# engine (podman, runc, debootstrap) and kubectl. Installed only when missing, and only as
+# root; otherwise the tests that need them say what is missing (and fail under CI=true).
+set -euo pipefail
+need=()
+command -v slurmctld >/dev/null || need+=(slurm-wlm)
+command -v munged >/dev/null || need+=(munge)
+command -v podman >/dev/null || need+=(podman)
+command -v runc >/dev/null || need+=(runc)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v chromium >/dev/null || need+=(chromium)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "not root: cannot install ${need[*]}; the integration tests that need them will report it" >&2
+  exit 0
+fi
+echo "installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

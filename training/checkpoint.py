@@ -1,0 +1,106 @@
+"""Resumable checkpoints: adapter weights, optimizer, LR schedule, RNG states and step.
+
+    <subject>/checkpoints/step-00000100/   files + MANIFEST.json (written last)
+    <subject>/checkpoints/latest           "step-00000100", moved only after that manifest exists
+
+A checkpoint without a manifest is incomplete: it is ignored on resume and cleaned up.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from launcher import storage
+
+log = logging.getLogger(__name__)
+LATEST = "latest"
+
+
+def checkpoints_uri(subject_uri: str) -> str:
+    return storage.join(subject_uri, "checkpoints")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rng_state(generator: torch.Generator) -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def set_rng_state(state: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def write_local(directory: Path, adapters: dict[str, dict[str, torch.Tensor]], trainer_state: dict) -> Path:
+    """Write a checkpoint folder: one safetensors per adapted model and a torch file for the rest."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for part, state in adapters.items():
+        save_file({k: v.contiguous() for k, v in state.items()}, str(directory / f"adapter_{part}.safetensors"))
+    torch.save(trainer_state, directory / "trainer_state.pt")
+    return directory
+
+
+def read_local(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    adapters = {p.stem.removeprefix("adapter_"): load_file(str(p)) for p in sorted(directory.glob("adapter_*.safetensors"))}
+    trainer_state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)
+    return adapters, trainer_state
+
+
+def publish(local_dir: Path, subject_uri: str, step: int, keep: int) -> str:
+    """Upload a checkpoint, then move `latest` to it, then prune to the newest `keep`."""
+    root = checkpoints_uri(subject_uri)
+    name = step_name(step)
+    storage.publish_dir(local_dir, storage.join(root, name), extra={"step": step})
+    storage.write_text(storage.join(root, LATEST), name + "\n")
+    complete = [n for n in storage.list_names(root) if n.startswith("step-")]
+    for old in sorted(complete)[:-keep]:
+        storage.remove(storage.join(root, old))
+    log.info("checkpoint %s published to %s", name, storage.redact(root))
+    return name
+
+
+def find_latest(subject_uri: str) -> str | None:
+    """URI of the newest complete checkpoint; incomplete ones are removed."""
+    root = checkpoints_uri(subject_uri)
+    try:
+        pointer = storage.read_text(storage.join(root, LATEST)).strip()
+    except FileNotFoundError:
+        pointer = None
+    names = [n for n in storage.list_names(root) if n.startswith("step-")]
+    complete = [n for n in names if storage.is_complete(storage.join(root, n))]
+    for name in names:
+        if name not in complete:
+            log.warning("removing incomplete checkpoint %s (no manifest)", name)
+            storage.remove(storage.join(root, name))
+    if pointer in complete:
+        return storage.join(root, pointer)
+    return storage.join(root, max(complete)) if complete else None
+
+
+def fetch(uri: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    with tempfile.TemporaryDirectory(prefix="dreamfleet-ckpt-") as tmp:
+        storage.fetch_dir(uri, tmp)
+        return read_local(Path(tmp))
+
+
+def clear(subject_uri: str) -> None:
+    storage.remove(checkpoints_uri(subject_uri))

@@ -1,0 +1,102 @@
+"""Instance and class images: decode, orient, resize, crop, and encode once to cached latents.
+
+Images come from any URI. RGBA is composited on white, grayscale and palette images are
+converted to RGB, and EXIF orientation is applied, so phone photos train the right way up.
+Latents are cached as the VAE's distribution (mean, std) and sampled each step, so the VAE
+never runs in the training step.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from launcher import storage
+from launcher.config import TrainConfig
+from launcher.errors import InputError
+
+
+def decode_image(data: bytes, name: str):
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except UnidentifiedImageError:
+        raise InputError(f"{name} is not an image") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise InputError(f"{name} cannot be decoded ({exc})") from None
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(ground, rgba)
+    return img.convert("RGB")
+
+
+def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """PIL RGB -> float tensor (3, H, W) in [-1, 1], shortest side resized, square-cropped."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = resolution / min(w, h)
+    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    w, h = img.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    img = img.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    if not uris:
+        raise InputError("no images to train on")
+    tensors = [to_tensor(decode_image(storage.read_bytes(u), storage.redact(u)), cfg.resolution, cfg.center_crop, generator)
+               for u in uris]
+    return torch.stack(tensors)
+
+
+@dataclass
+class LatentCache:
+    """Per-image latent distribution; `sample()` draws latents scaled for the UNet."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling_factor: float
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[index], self.std[index]
+        noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
+        return (mean + std * noise) * self.scaling_factor
+
+
+@torch.no_grad()
+def encode_latents(vae, pixels: torch.Tensor, device: torch.device, random_flip: bool, batch: int = 8) -> LatentCache:
+    """Encode images once (and their mirror images when random_flip is on)."""
+    if random_flip:
+        pixels = torch.cat([pixels, torch.flip(pixels, dims=[3])])
+    means, stds = [], []
+    for chunk in pixels.split(batch):
+        dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
+
+
+def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
+    return text_encoder(input_ids.to(text_encoder.device))[0]

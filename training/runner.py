@@ -1,0 +1,198 @@
+"""One worker's subjects, one after another on one loaded base model: check the ledger, train,
+export, publish, and record the outcome. setup / train / save / cleanup, no callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from launcher import ledger, storage
+from launcher.config import JobConfig, Subject, dump_job
+from launcher.errors import UserError
+from launcher.ledger import SubjectStatus
+from launcher.subjects import image_uris
+from training import adapters, export, priors
+from training.components import Components, load_components
+from training.env import Preemption, WorkerEnv
+from training.loop import prepare_subject, subject_seed, train_subject
+from training.progress import Progress
+from training.sampling import write_samples
+
+log = logging.getLogger(__name__)
+
+
+class StatusKeeper:
+    """Writes a subject's status.json, and refreshes its heartbeat from a background thread."""
+
+    def __init__(self, job_uri: str, status: SubjectStatus, every_s: float):
+        self.job_uri, self.status, self.every_s = job_uri, status, every_s
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{status.id}")
+
+    def update(self, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(self.status, key, value)
+            self.status.heartbeat_at = time.time()
+            ledger.write_status(self.job_uri, self.status)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.update()
+            except UserError as exc:  # a missed heartbeat must not kill training
+                log.warning("heartbeat for %s failed: %s", self.status.id, exc)
+
+    def __enter__(self) -> "StatusKeeper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def should_train(status: SubjectStatus | None, job: JobConfig, owner: str) -> tuple[bool, str]:
+    if status is None or status.state == "pending":
+        return True, "new" if status is None else "pending"
+    if status.state == "done":
+        return False, "already done"
+    if status.state == "running":
+        if status.worker == owner:
+            return True, "restarting own run"
+        if status.is_stale(job.output.stale_after_s):
+            return True, f"taking over a stale run of {status.worker}"
+        return False, f"running on {status.worker}"
+    if status.attempts >= job.output.max_attempts:
+        return False, f"failed {status.attempts} times (max_attempts={job.output.max_attempts})"
+    return True, f"retrying after failure ({status.attempts}/{job.output.max_attempts})"
+
+
+@dataclass
+class Outcome:
+    subject: str
+    state: str
+    detail: str = ""
+    final_loss: float | None = None
+
+
+class Worker:
+    def __init__(self, job: JobConfig, env: WorkerEnv, preemption: Preemption, device: torch.device, owner: str):
+        self.job, self.env, self.preemption, self.device, self.owner = job, env, preemption, device, owner
+        self.job_uri = job.job_uri
+        self.train_te = job.adapter.text_encoder is not None
+        self.progress = Progress(env.rank)
+        self.c: Components | None = None
+        self.init_state: dict[str, dict] = {}
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, subjects: list[Subject]) -> dict[str, list[str]]:
+        """Load the base, generate or reuse class images (before adapters exist), attach adapters."""
+        job = self.job
+        if self.env.is_main:
+            storage.write_text(storage.join(self.job_uri, "job.yaml"), dump_job(job))
+        self.c = load_components(job.model, self.device)
+        class_images: dict[str, list[str]] = {}
+        if job.prior.enabled:
+            store = job.prior.store or storage.join(self.job_uri, "priors")
+            for prompt in sorted({s.class_prompt for s in subjects}):
+                uris, _ = priors.ensure_class_images(self.c, prompt, job.model.source, job.train.resolution,
+                                                     job.prior, job.train.seed, store)
+                class_images[prompt] = uris
+        torch.manual_seed(job.train.seed)
+        adapters.attach(self.c.unet, job.adapter, adapters.UNET_TARGETS, "unet")
+        self.init_state["unet"] = adapters.snapshot(self.c.unet)
+        if self.train_te:
+            adapters.attach(self.c.text_encoder, job.adapter.text_encoder, adapters.TEXT_ENCODER_TARGETS, "text_encoder")
+            self.init_state["text_encoder"] = adapters.snapshot(self.c.text_encoder)
+        return class_images
+
+    # ---------------------------------------------------------------- per subject
+    def run_subject(self, subject: Subject, class_images: list[str] | None) -> Outcome:
+        job, c = self.job, self.c
+        status = ledger.read_status(self.job_uri, subject.id)
+        go, why = should_train(status, job, self.owner)
+        if not go:
+            log.info("subject %s: skipped (%s)", subject.id, why)
+            return Outcome(subject.id, status.state if status else "pending", why)
+        log.info("subject %s: training (%s)", subject.id, why)
+        status = status or SubjectStatus(id=subject.id)
+        steps = subject.steps or job.train.steps
+        history = status.history + [{"attempt": status.attempts + 1, "worker": self.owner, "at": time.time()}]
+        keeper = StatusKeeper(self.job_uri, status, job.output.heartbeat_s)
+        keeper.update(state="running", attempts=status.attempts + 1, worker=self.owner, error=None,
+                      started_at=time.time(), steps=steps, history=history)
+        with keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
+            work = Path(tmp)
+            try:
+                adapters.restore(c.unet, self.init_state["unet"])
+                if self.train_te:
+                    adapters.restore(c.text_encoder, self.init_state["text_encoder"])
+                data = prepare_subject(c, job, subject, image_uris(subject), class_images, self.train_te)
+                self.progress.start_subject(subject.id, steps)
+                try:
+                    def on_step(step: int, total: int, loss: float | None) -> None:
+                        keeper.status.step = step  # picked up by the next heartbeat
+                        self.progress.step(step, total, loss)
+
+                    result = train_subject(c, job, subject, data, work, ledger.subject_uri(self.job_uri, subject.id),
+                                           self.preemption, on_step=on_step)
+                finally:
+                    self.progress.end_subject()
+                if result.preempted:
+                    keeper.update(state="pending", step=result.step, error="preempted; resumes from its checkpoint")
+                    return Outcome(subject.id, "preempted", f"checkpointed at step {result.step}")
+                self.publish(subject, work, steps)
+                keeper.update(state="done", step=result.step, final_loss=result.final_loss, finished_at=time.time())
+                return Outcome(subject.id, "done", f"{result.step} steps", result.final_loss)
+            except (UserError, ValueError, RuntimeError, OSError) as exc:
+                log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
+                keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+                return Outcome(subject.id, "failed", str(exc))
+
+    def publish(self, subject: Subject, work: Path, steps: int) -> None:
+        """Write every format and samples into a local folder, then publish it (manifest last)."""
+        job, c = self.job, self.c
+        final = work / "final"
+        final.mkdir()
+        meta = export.describe(job.model.source, job.adapter, job.train.resolution, steps, subject.instance_prompt)
+        trained = export.TrainedAdapter(
+            unet=adapters.adapter_state_dict(c.unet), unet_config=adapters.peft_config(job.adapter, adapters.UNET_TARGETS),
+            unet_spec=job.adapter, metadata=meta)
+        if self.train_te:
+            te_spec = job.adapter.text_encoder
+            trained.text_encoder = adapters.adapter_state_dict(c.text_encoder)
+            trained.text_encoder_config = adapters.peft_config(te_spec, adapters.TEXT_ENCODER_TARGETS)
+            trained.text_encoder_spec = te_spec
+        export.write_all(trained, final, job.output.formats, subject.id)
+        if (work / "metrics.jsonl").exists():
+            (final / "metrics.jsonl").write_bytes((work / "metrics.jsonl").read_bytes())
+        s = job.train.samples
+        if s.enabled and s.prompts:
+            write_samples(c, s.prompts, subject.instance_prompt, final / "samples", job.train.resolution,
+                          s.num_inference_steps, s.guidance_scale, subject_seed(job.train.seed, subject.id))
+        storage.publish_dir(final, ledger.subject_uri(self.job_uri, subject.id), extra={"subject": subject.id})
+
+    # ---------------------------------------------------------------- all
+    def run(self, subjects: list[Subject]) -> list[Outcome]:
+        class_images = self.setup(subjects)
+        outcomes = []
+        for subject in subjects:
+            if self.preemption.requested:
+                outcomes.append(Outcome(subject.id, "preempted", "not started"))
+                continue
+            outcomes.append(self.run_subject(subject, class_images.get(subject.class_prompt)))
+        return outcomes
+
+
+def summarize(outcomes: list[Outcome]) -> list[dict]:
+    return [asdict(o) for o in outcomes]

@@ -1,0 +1,49 @@
+"""Image generation with the loaded components: validation samples and prior class images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training.components import Components
+
+
+def pipeline(c: Components):
+    """A StableDiffusionPipeline over the loaded (possibly adapted) components, with DDIM
+    (PNDM fails at very few steps), no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+        scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(c: Components, prompts: list[str], resolution: int, steps: int, guidance: float, seed: int):
+    """PIL images, one per prompt, each with its own seed (seed + index) so batches are stable."""
+    pipe = pipeline(c)
+    images = []
+    for i, prompt in enumerate(prompts):
+        gen = torch.Generator("cpu").manual_seed(seed + i)
+        out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                   guidance_scale=guidance, generator=gen, output_type="pil")
+        images.append(out.images[0])
+    return images
+
+
+def write_samples(c: Components, prompts: list[str], instance_prompt: str, directory: Path, resolution: int,
+                  steps: int, guidance: float, seed: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    filled = [p.replace("{instance}", instance_prompt) for p in prompts]
+    paths = []
+    for i, img in enumerate(generate(c, filled, resolution, steps, guidance, seed)):
+        path = directory / f"{i:02d}.png"
+        img.save(path)
+        paths.append(path)
+    (directory / "prompts.txt").write_text("\n".join(filled) + "\n")
+    return paths

@@ -1,0 +1,130 @@
+"""Tiny, randomly initialised Stable Diffusion models and synthetic subjects, for trials and tests.
+
+The weights are random: a model built here trains and samples through exactly the code path of
+a real SD 1.5 checkpoint, in seconds on a CPU, but its images are noise. Nothing is downloaded.
+
+    python -m training.tiny model DIR            # unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    python -m training.tiny subjects DIR --count 3 --images 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+TINY_RESOLUTION = 64
+
+
+def _write_byte_level_tokenizer(directory: Path) -> None:
+    """A CLIP tokenizer whose vocabulary is the 256 byte-level symbols (+ '</w>' forms)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    vocab.update({s + "</w>": i + len(symbols) for i, s in enumerate(symbols)})
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+
+
+def build_tiny_model(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Save a random-weight SD pipeline in the diffusers layout; returns the directory."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_RESOLUTION // 2,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=TINY_RESOLUTION,
+    )
+    tok_dir = directory / "tokenizer"
+    _write_byte_level_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+PALETTE = [(220, 60, 60), (60, 160, 80), (60, 90, 220), (230, 180, 40), (160, 70, 200), (40, 190, 200)]
+
+
+def write_subject_images(directory: str | Path, index: int, count: int = 4, size: int = TINY_RESOLUTION) -> Path:
+    """Synthetic photos of one 'subject': a coloured shape at random places on a plain ground."""
+    from PIL import Image, ImageDraw
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(index)
+    colour = PALETTE[index % len(PALETTE)]
+    for i in range(count):
+        img = Image.new("RGB", (size, size), tuple(rng.randrange(180, 255) for _ in range(3)))
+        draw = ImageDraw.Draw(img)
+        r = rng.randrange(size // 6, size // 3)
+        cx, cy = rng.randrange(r, size - r), rng.randrange(r, size - r)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        (draw.ellipse if index % 2 == 0 else draw.rectangle)(box, fill=colour)
+        img.save(directory / f"{i:03d}.png")
+    return directory
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m training.tiny", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    m = sub.add_parser("model", help="build a tiny random-weight SD model")
+    m.add_argument("directory")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    s = sub.add_parser("subjects", help="write synthetic subject image folders")
+    s.add_argument("directory")
+    s.add_argument("--count", type=int, default=3)
+    s.add_argument("--images", type=int, default=4)
+    args = parser.parse_args(argv)
+    if args.what == "model":
+        print(build_tiny_model(args.directory, seed=args.seed, prediction_type=args.prediction_type))
+    else:
+        for i in range(args.count):
+            print(write_subject_images(Path(args.directory) / f"subject-{i}", i, args.images))
+
+
+if __name__ == "__main__":
+    main()

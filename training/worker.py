@@ -1,0 +1,75 @@
+"""The worker entry point that runs in the container, one process per rank:
+
+    python -m training.worker --job job.yaml
+
+It reads the resolved job file and the environment contract (training.env), picks this rank's
+subjects from the plan, trains them, and exits 0 (all done or skipped), 1 (some failed),
+2 (a user error before training) or 75 (preempted after checkpointing: requeue me).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from launcher.errors import UserError
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=os.environ.get("DREAMFLEET_LOG_LEVEL", "INFO"),
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("httpx", "botocore", "s3fs", "aiobotocore", "urllib3", "PIL", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.worker", description="dreamfleet training worker")
+    parser.add_argument("--job", required=True, help="resolved job file (YAML)")
+    parser.add_argument("--summary", help="write a JSON summary of the outcomes to this path (rank 0)")
+    args = parser.parse_args(argv)
+
+    from training.env import EXIT_PREEMPTED, Preemption, WorkerEnv
+
+    try:
+        env = WorkerEnv.from_environ()
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _setup_logging(env.rank)
+    log = logging.getLogger("dreamfleet.worker")
+    preemption = Preemption().install()
+    try:
+        from launcher.config import load_job
+        from launcher.plan import subjects_for_rank, subjects_for_shard
+        from launcher.subjects import resolve_subjects
+
+        job = load_job(args.job)
+        subjects = subjects_for_shard(resolve_subjects(job), env.shard_index, env.num_shards)
+        mine = subjects_for_rank(subjects, env.rank, env.world_size, job.distributed.strategy)
+        log.info("shard %d/%d, rank %d/%d: %d subject(s): %s", env.shard_index, env.num_shards, env.rank,
+                 env.world_size, len(mine), ", ".join(s.id for s in mine) or "-")
+        if not mine:
+            return 0
+        from training.distributed import run_strategy
+
+        outcomes = run_strategy(job, env, preemption, mine)
+    except UserError as exc:
+        log.error("%s", exc)
+        return 2
+    for o in outcomes:
+        log.info("subject %s: %s %s", o.subject, o.state, o.detail)
+    if args.summary:
+        from training.runner import summarize
+
+        with open(args.summary, "w") as f:
+            json.dump(summarize(outcomes), f, indent=2)
+    if any(o.state == "preempted" for o in outcomes):
+        return EXIT_PREEMPTED
+    return 1 if any(o.state == "failed" for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
