@@ -154,8 +154,8 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
 
 @app.command()
 @user_errors
-def demo(job_file: Optional[Path] = typer.Argument(None, help="Job to run (default: examples/quickstart.yaml)."),
-         overrides: Optional[List[str]] = OverridesArg):
+def demo(overrides: Optional[List[str]] = OverridesArg,
+         job_file: Optional[Path] = typer.Option(None, "--job", help="Job to run (default: examples/quickstart.yaml).")):
     """Build a tiny random-weight model and synthetic subjects if missing, and train them locally."""
     from launcher.demo import run_demo
 

@@ -289,6 +289,16 @@ class JobConfig(Section):
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Processes, nodes and parallel strategy.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Scheduler-specific settings.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _adapter_type_defaults_to_lora(cls, data):
+        adapter = data.get("adapter") if isinstance(data, dict) else None
+        if isinstance(adapter, dict):
+            adapter = data["adapter"] = {"type": "lora", **adapter}
+            if isinstance(adapter.get("text_encoder"), dict):
+                adapter["text_encoder"] = {"type": "lora", **adapter["text_encoder"]}
+        return data
+
     @field_validator("name")
     @classmethod
     def _dns_safe(cls, value: str) -> str:

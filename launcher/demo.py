@@ -29,12 +29,16 @@ def default_job() -> Path:
 def ensure_assets() -> None:
     if not (MODEL_DIR / "model_index.json").exists():
         typer.echo(f"building a tiny random-weight model in {MODEL_DIR} (no download)")
-        subprocess.run([sys.executable, "-m", "training.tiny", "model", str(MODEL_DIR)], check=True,
-                       stdout=subprocess.DEVNULL)
+        _tiny("model", str(MODEL_DIR))
     if not all((SUBJECTS_DIR / f"subject-{i}").is_dir() for i in range(NUM_SUBJECTS)):
         typer.echo(f"writing {NUM_SUBJECTS} synthetic subjects in {SUBJECTS_DIR}")
-        subprocess.run([sys.executable, "-m", "training.tiny", "subjects", str(SUBJECTS_DIR),
-                        "--count", str(NUM_SUBJECTS), "--images", "4"], check=True, stdout=subprocess.DEVNULL)
+        _tiny("subjects", str(SUBJECTS_DIR), "--count", str(NUM_SUBJECTS), "--images", "4")
+
+
+def _tiny(*args: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "training.tiny", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"building demo assets failed:\n{proc.stderr[-3000:]}")
 
 
 def run_demo(job_file: Path | None, overrides: list[str]) -> int:

@@ -68,7 +68,7 @@ def subject_entry(root: Path, i: int, **extra) -> dict:
             "class_prompt": "a photo of a thing", **extra}
 
 
-def job_dict(model: Path, subjects: list[dict], output: Path, name: str = "t", **sections) -> dict:
+def job_dict(model: Path, subjects: list[dict], output_uri: Path | str, name: str = "t", **sections) -> dict:
     """A small, fast job: rank 4 LoRA, 4 steps at 32 px, fp32 AdamW, no samples."""
     job = {
         "name": name,
@@ -77,7 +77,7 @@ def job_dict(model: Path, subjects: list[dict], output: Path, name: str = "t", *
         "train": {"steps": 4, "resolution": RESOLUTION, "log_every": 1, "optimizer": "adamw",
                   "learning_rate": 1e-3, "samples": {"enabled": False}},
         "subjects": subjects,
-        "output": {"uri": str(output)},
+        "output": {"uri": str(output_uri)},
     }
     for section, values in sections.items():
         if isinstance(values, dict) and isinstance(job.get(section), dict):

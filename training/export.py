@@ -65,12 +65,12 @@ def write_diffusers(adapter: TrainedAdapter, directory: Path) -> Path | None:
         return None
     if adapter.text_encoder is not None and not isinstance(adapter.text_encoder_spec, LoraSpec):
         return None
-    from diffusers.utils import convert_state_dict_to_diffusers
-
-    tensors = {f"unet.{k}": v for k, v in convert_state_dict_to_diffusers(adapter.unet).items()}
+    # peft-named keys under unet./text_encoder.: what diffusers' loader reads back losslessly
+    # (its legacy "lora.down" naming loses the attention projections on the way back)
+    tensors = {f"unet.{k}": v for k, v in adapter.unet.items()}
     metadata = {"unet.lora_adapter_metadata": json.dumps(_peft_config_dict(adapter.unet_config), sort_keys=True)}
     if adapter.text_encoder is not None:
-        tensors.update({f"text_encoder.{k}": v for k, v in convert_state_dict_to_diffusers(adapter.text_encoder).items()})
+        tensors.update({f"text_encoder.{k}": v for k, v in adapter.text_encoder.items()})
         metadata["text_encoder.lora_adapter_metadata"] = json.dumps(_peft_config_dict(adapter.text_encoder_config), sort_keys=True)
     metadata.update(adapter.metadata)
     metadata["format"] = "pt"

@@ -1,0 +1,186 @@
+"""The job file: schema, overrides, and errors that name what is wrong (never a traceback)."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from launcher.config import JobConfig, LohaAdapter, apply_overrides, job_from_dict, load_job
+from launcher.errors import ConfigError
+
+MINIMAL = {"name": "job", "model": {"source": "/models/sd15"},
+           "subjects": [{"id": "dog", "images": "/data/dog", "instance_prompt": "a photo of sks dog"}]}
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "job.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    return str(path)
+
+
+def problems_of(exc: ConfigError) -> str:
+    return str(exc)
+
+
+def test_minimal_job_gets_sane_defaults(tmp_path):
+    job = load_job(write(tmp_path, MINIMAL))
+    assert job.adapter.type == "lora" and job.adapter.rank == 8 and job.adapter.effective_alpha == 8
+    assert job.distributed.strategy == "subject" and job.cluster.backend == "local"
+    assert job.train.optimizer == "adamw8bit" and job.output.formats == ["peft", "diffusers", "kohya"]
+    assert job.job_uri == "./outputs/job"
+
+
+def test_unknown_key_lists_the_valid_ones(tmp_path):
+    data = {**MINIMAL, "train": {"stepz": 10}}
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, data))
+    text = str(err.value)
+    assert "train.stepz: unknown key" in text
+    assert "steps" in text and "learning_rate" in text
+
+
+def test_all_errors_reported_at_once_with_dotted_paths(tmp_path):
+    data = {**MINIMAL, "adapter": {"type": "lora", "rank": 0}, "train": {"steps": -1, "optimizer": "sgd"}}
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, data))
+    text = str(err.value)
+    assert "adapter.rank: Input should be greater than 0, got 0" in text
+    assert "train.steps" in text and "train.optimizer" in text and "'sgd'" in text
+
+
+def test_adapter_kind_is_a_discriminated_union(tmp_path):
+    data = {**MINIMAL, "adapter": {"type": "loha", "rank": 4, "use_effective_conv2d": True,
+                                   "text_encoder": {"type": "lokr", "rank": 2, "decompose_both": True}}}
+    job = load_job(write(tmp_path, data))
+    assert isinstance(job.adapter, LohaAdapter)
+    assert job.adapter.text_encoder.type == "lokr" and job.adapter.text_encoder.decompose_both
+    with pytest.raises(ConfigError, match="adapter.decompose_both: unknown key"):
+        load_job(write(tmp_path, {**MINIMAL, "adapter": {"type": "lora", "decompose_both": True}}))
+    with pytest.raises(ConfigError, match="adapter"):
+        load_job(write(tmp_path, {**MINIMAL, "adapter": {"type": "dora"}}))
+
+
+def test_overrides_follow_the_file(tmp_path):
+    job = load_job(write(tmp_path, MINIMAL), ["train.steps=400", "adapter.rank=16", "subjects.0.steps=7",
+                                              "train.betas=[0.8, 0.9]", "prior.enabled=false"])
+    assert job.train.steps == 400 and job.adapter.rank == 16 and job.subjects[0].steps == 7
+    assert job.train.betas == (0.8, 0.9)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.steps", "must look like KEY=VALUE"),
+    ("=3", "must look like KEY=VALUE"),
+    ("subjects.5.steps=3", "is not an index"),
+    ("train.steps.x=3", "train.steps: Input should be a valid integer"),
+    ("train.nope=3", "train.nope: unknown key"),
+])
+def test_bad_overrides_say_what_is_wrong(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(write(tmp_path, MINIMAL), [override])
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: [unclosed", "not valid YAML at line"),
+    ("", "is empty"),
+    ("- a\n- b\n", "top level must be a mapping"),
+    ("name: x\n", "model: required"),
+])
+def test_malformed_files(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_job(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_job(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("bad_id", ["..", "a/b", "has space", "tab\tid", "new\nline", "-lead", "é", "x" * 200, ""])
+def test_hostile_subject_ids_are_rejected(tmp_path, bad_id):
+    data = {**MINIMAL, "subjects": [{"id": bad_id, "images": "/d", "instance_prompt": "p"}]}
+    with pytest.raises(ConfigError, match="subjects.0.id"):
+        load_job(write(tmp_path, data))
+
+
+def test_duplicate_ids_and_missing_class_prompts(tmp_path):
+    subject = {"id": "dog", "images": "/d", "instance_prompt": "p"}
+    with pytest.raises(ConfigError, match="duplicate subject ids: dog"):
+        load_job(write(tmp_path, {**MINIMAL, "subjects": [subject, subject]}))
+    with pytest.raises(ConfigError, match="needs a class_prompt.*dog"):
+        load_job(write(tmp_path, {**MINIMAL, "prior": {"enabled": True}}))
+
+
+def test_job_name_must_be_dns_safe(tmp_path):
+    with pytest.raises(ConfigError, match="name:"):
+        load_job(write(tmp_path, {**MINIMAL, "name": "My_Job"}))
+
+
+def test_every_field_has_a_description():
+    seen, todo = set(), [JobConfig]
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        for name, field in cls.model_fields.items():
+            assert field.description, f"{cls.__name__}.{name} has no description"
+            for arg in _classes_in(field.annotation):
+                todo.append(arg)
+    assert len(seen) > 10
+
+
+def _classes_in(annotation):
+    from typing import get_args
+
+    from pydantic import BaseModel
+
+    stack, out = [annotation], []
+    while stack:
+        a = stack.pop()
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            out.append(a)
+        stack.extend(get_args(a))
+    return out
+
+
+# ------------------------------------------------------------------ property tests
+
+yaml_scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False),
+                         st.text(string.printable, max_size=12))
+yaml_values = st.recursive(yaml_scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                                 st.dictionaries(st.text(string.ascii_lowercase + "_.", max_size=10), inner, max_size=3)),
+                           max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(section=st.sampled_from(["model", "adapter", "train", "prior", "subjects", "output", "distributed", "cluster", "name"]),
+       value=yaml_values)
+def test_any_value_in_any_section_gives_a_config_or_a_config_error(section, value):
+    data = {**MINIMAL, section: value}
+    try:
+        job_from_dict(data)
+    except ConfigError as exc:
+        assert exc.problems or exc.message
+        assert "Traceback" not in str(exc)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(string.printable, max_size=200))
+def test_arbitrary_text_never_raises_anything_but_config_error(tmp_path, text):
+    try:
+        load_job(write(tmp_path, text))
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(key=st.text(string.ascii_lowercase + "._0123456789", min_size=1, max_size=20), value=yaml_values)
+def test_arbitrary_overrides_never_raise_anything_but_config_error(key, value):
+    try:
+        data = apply_overrides(yaml.safe_load(yaml.safe_dump(MINIMAL)), [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip()}"])
+        job_from_dict(data)
+    except ConfigError:
+        pass
