@@ -75,8 +75,9 @@ class LatentCache:
         return self.mean.shape[0]
 
     def sample(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        index = index.to(self.mean.device)
         mean, std = self.mean[index], self.std[index]
-        noise = torch.randn(mean.shape, generator=generator, device="cpu").to(mean.device)
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
         return (mean + std * noise) * self.scaling_factor
 
 

@@ -119,17 +119,17 @@ def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.
     """One micro-batch: noise the cached latents, predict, and return the DreamBooth loss."""
     t, device = job.train, c.device
     bs = t.batch_size
-    latents = data.instance.sample(torch.randint(len(data.instance), (bs,), generator=gen), gen)
+    on = {"generator": gen, "device": gen.device}  # the step's randomness is drawn where it is used
+    latents = data.instance.sample(torch.randint(len(data.instance), (bs,), **on), gen)
     prompts_ids, prompt_emb = [data.instance_ids] * bs, [data.instance_emb] * bs
     if data.prior is not None:
-        latents = torch.cat([latents, data.prior.sample(torch.randint(len(data.prior), (bs,), generator=gen), gen)])
+        latents = torch.cat([latents, data.prior.sample(torch.randint(len(data.prior), (bs,), **on), gen)])
         prompts_ids += [data.class_ids] * bs
         prompt_emb += [data.class_emb] * bs
-    noise = torch.randn(latents.shape, generator=gen)
+    noise = torch.randn(latents.shape, **on)
     if t.noise_offset:
-        noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=gen)
-    timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen)
-    latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+        noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)
+    timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), **on)
     noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
     with stepper.autocast():
         if train_text_encoder:
@@ -191,7 +191,7 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
     lr = subject.learning_rate or t.learning_rate
     seed = subject_seed(t.seed, subject.id)
     torch.manual_seed(seed)
-    gen = torch.Generator("cpu").manual_seed(seed)
+    gen = torch.Generator(c.device).manual_seed(seed)
     stepper = Stepper(_trainable_groups(c, job, lr, train_te), job, c.device, steps)
     metrics = work / "metrics.jsonl"
     metrics.unlink(missing_ok=True)

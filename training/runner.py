@@ -114,6 +114,8 @@ class Worker:
         if self.train_te:
             adapters.attach(self.c.text_encoder, job.adapter.text_encoder, adapters.TEXT_ENCODER_TARGETS, "text_encoder")
             self.init_state["text_encoder"] = adapters.snapshot(self.c.text_encoder)
+        if job.train.compile and self.device.type == "cuda":
+            self.c.unet.compile()  # in place: parameter names (and so adapter keys) stay the same
         return class_images
 
     # ---------------------------------------------------------------- per subject

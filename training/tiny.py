@@ -5,6 +5,7 @@ a real SD 1.5 checkpoint, in seconds on a CPU, but its images are noise. Nothing
 
     python -m training.tiny model DIR            # unet/ vae/ text_encoder/ tokenizer/ scheduler/
     python -m training.tiny subjects DIR --count 3 --images 4
+    python -m training.tiny sd15 DIR             # SD 1.5 layer sizes, random weights (GPU benchmarks)
 """
 
 from __future__ import annotations
@@ -31,46 +32,54 @@ def _write_byte_level_tokenizer(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n")
 
 
-def build_tiny_model(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon") -> Path:
-    """Save a random-weight SD pipeline in the diffusers layout; returns the directory."""
+# Shapes: the tiny test model, and SD 1.5's own (for GPU speed and memory measurements).
+SHAPES = {
+    "tiny": {
+        "unet": dict(sample_size=TINY_RESOLUTION // 2, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8),
+        "vae": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                    sample_size=TINY_RESOLUTION),
+        "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4),
+    },
+    "sd15": {
+        "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+                     cross_attention_dim=768, attention_head_dim=8),
+        "vae": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2,
+                    sample_size=512),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    },
+}
+
+
+def build_tiny_model(directory: str | Path, seed: int = 0, prediction_type: str = "epsilon", shape: str = "tiny") -> Path:
+    """Save a random-weight SD pipeline in the diffusers layout; returns the directory.
+    shape="sd15" gives SD 1.5's layer sizes (860M-parameter UNet) for GPU measurements."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=TINY_RESOLUTION // 2,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=TINY_RESOLUTION,
-    )
+    sizes = SHAPES[shape]
+    unet = UNet2DConditionModel(**sizes["unet"])
+    vae = AutoencoderKL(**sizes["vae"])
     tok_dir = directory / "tokenizer"
     _write_byte_level_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=5,
-            num_attention_heads=4,
             max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
+            **sizes["text"],
         )
     )
     scheduler = DDIMScheduler(
@@ -114,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("directory")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    big = sub.add_parser("sd15", help="build an SD 1.5-shaped random-weight model (for GPU benchmarks)")
+    big.add_argument("directory")
     s = sub.add_parser("subjects", help="write synthetic subject image folders")
     s.add_argument("directory")
     s.add_argument("--count", type=int, default=3)
@@ -121,6 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.what == "model":
         print(build_tiny_model(args.directory, seed=args.seed, prediction_type=args.prediction_type))
+    elif args.what == "sd15":
+        print(build_tiny_model(args.directory, shape="sd15"))
     else:
         for i in range(args.count):
             print(write_subject_images(Path(args.directory) / f"subject-{i}", i, args.images))

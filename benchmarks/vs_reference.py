@@ -1,0 +1,195 @@
+"""dreamfleet vs a reference DreamBooth LoRA script (diffusers' examples/dreambooth/train_dreambooth_lora.py),
+same model, images, resolution, batch, rank, targets, steps and seed, in one run on one machine.
+
+    python benchmarks/vs_reference.py --reference-script PATH [--python .venv-bench/bin/python]
+        [--model tiny|sd15] [--resolution 64] [--steps 40 200] [--reps 3] [--out DIR]
+
+The reference script is not shipped: point to your copy. Both trainers run as fresh processes
+with the same Python (so the same torch), repetitions alternate which goes first, and:
+
+- steps/s is marginal: (N_long - N_short) / (T_long - T_short) over whole-process wall times,
+  the same definition for both trainers, with start-up and saving cancelled out;
+- seconds per subject is the whole-process wall time of the N_long run (start-up included);
+- with --subjects K > 1, dreamfleet also trains K subjects in one job (its normal use: one
+  process, one model load, K adapters) and reports that wall time / K; the reference trains one
+  subject per process, so its seconds per subject stay those of one run;
+- peak RSS is the child's own ru_maxrss (os.wait4); on GPU, peak GPU memory is polled from
+  nvidia-smi for the child's pid.
+
+Results print as a table and append to OUT/results.json; copy the table into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the reference's UNet LoRA targets
+
+
+def prepare(args, work: Path) -> tuple[Path, Path]:
+    model, images = work / f"model-{args.model}", work / "images-0"
+    if not (model / "model_index.json").exists():
+        kind = "model" if args.model == "tiny" else "sd15"
+        subprocess.run([args.python, "-m", "training.tiny", kind, str(model)], check=True, cwd=REPO,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for i in range(args.subjects):
+        if not (work / f"images-{i}").exists():
+            code = ("from training.tiny import write_subject_images; import sys; "
+                    f"write_subject_images(sys.argv[1], {i}, count=4, size={args.resolution})")
+            subprocess.run([args.python, "-c", code, str(work / f"images-{i}")], check=True, cwd=REPO)
+    return model, images
+
+
+def ours_command(args, model: Path, images: Path, steps: int, out: Path, subjects: int = 1) -> list[str]:
+    import yaml
+
+    job = {
+        "name": "bench", "model": {"source": str(model)},
+        "adapter": {"type": "lora", "rank": args.rank, "targets": TARGETS},
+        "train": {"steps": steps, "batch_size": 1, "resolution": args.resolution, "learning_rate": 1e-4,
+                  "optimizer": "adamw", "lr_scheduler": "constant", "seed": 0, "log_every": max(1, steps // 10),
+                  "mixed_precision": args.mixed_precision, "samples": {"enabled": False}},
+        "subjects": [{"id": f"bench-{i}", "images": str(images.parent / f"images-{i}"), "instance_prompt": "a photo of sks thing"}
+                     for i in range(subjects)],
+        "output": {"uri": str(out)},
+    }
+    job_file = out.parent / f"{out.name}.yaml"
+    job_file.write_text(yaml.safe_dump(job))
+    return [args.python, "-m", "training.worker", "--job", str(job_file)]
+
+
+def reference_command(args, model: Path, images: Path, steps: int, out: Path) -> list[str]:
+    return [args.python, str(args.reference_script),
+            f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={images}",
+            "--instance_prompt=a photo of sks thing", f"--output_dir={out}", f"--resolution={args.resolution}",
+            "--train_batch_size=1", f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant",
+            "--lr_warmup_steps=0", "--seed=0", f"--rank={args.rank}", f"--mixed_precision={args.mixed_precision_ref}",
+            "--checkpointing_steps=1000000", "--pre_compute_text_embeddings", "--report_to=tensorboard",
+            "--dataloader_num_workers=0", "--center_crop"]
+
+
+class GpuPoller(threading.Thread):
+    """Peak GPU memory (MiB) of one pid, from nvidia-smi every 0.2 s."""
+
+    def __init__(self, pid: int):
+        super().__init__(daemon=True)
+        self.pid, self.peak_mib, self._stop = pid, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(0.2):
+            out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True).stdout
+            for line in out.splitlines():
+                pid, _, mib = line.partition(",")
+                if pid.strip() == str(self.pid):
+                    self.peak_mib = max(self.peak_mib, int(mib))
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def timed(cmd: list[str], log: Path, gpu: bool) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(REPO), TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+        poller = GpuPoller(proc.pid) if gpu else None
+        if poller:
+            poller.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if poller:
+        poller.stop()
+    if proc.returncode:
+        raise SystemExit(f"{cmd[1]} failed ({proc.returncode}); see {log}")
+    return {"wall_s": wall, "rss_mib": usage.ru_maxrss / 1024, "gpu_mib": poller.peak_mib if poller else None}
+
+
+def run(args) -> dict:
+    work = args.out.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    model, images = prepare(args, work)
+    gpu = args.mixed_precision != "no"
+    makers = {"dreamfleet": ours_command, "reference": reference_command}
+    samples: dict[str, list[dict]] = {name: [] for name in makers}
+    short, long = args.steps
+    for rep in range(args.reps):
+        order = list(makers) if rep % 2 == 0 else list(reversed(makers))
+        for name in order:
+            res = {}
+            for steps in (short, long):
+                out = work / f"{name}-{rep}-{steps}"
+                shutil.rmtree(out, ignore_errors=True)
+                res[steps] = timed(makers[name](args, model, images, steps, out), work / f"{out.name}.log", gpu)
+            sample = {"steps_per_s": (long - short) / (res[long]["wall_s"] - res[short]["wall_s"]),
+                      "s_per_subject": res[long]["wall_s"], "rss_mib": res[long]["rss_mib"], "gpu_mib": res[long]["gpu_mib"],
+                      "s_per_subject_batch": res[long]["wall_s"]}
+            if name == "dreamfleet" and args.subjects > 1:
+                out = work / f"{name}-{rep}-{long}-x{args.subjects}"
+                shutil.rmtree(out, ignore_errors=True)
+                batch = timed(ours_command(args, model, images, long, out, args.subjects), work / f"{out.name}.log", gpu)
+                sample["s_per_subject_batch"] = batch["wall_s"] / args.subjects
+            samples[name].append(sample)
+            print(f"rep {rep} {name:10} {sample['steps_per_s']:.2f} steps/s, {sample['s_per_subject']:.1f} s/subject, "
+                  f"RSS {sample['rss_mib']:.0f} MiB", flush=True)
+    return summarize(args, samples)
+
+
+def summarize(args, samples: dict[str, list[dict]]) -> dict:
+    med = {name: {k: statistics.median(s[k] for s in runs) if runs[0][k] is not None else None for k in runs[0]}
+           for name, runs in samples.items()}
+    ours, ref = med["dreamfleet"], med["reference"]
+    ratios = {"steps_per_s": ours["steps_per_s"] / ref["steps_per_s"],
+              "s_per_subject": ref["s_per_subject"] / ours["s_per_subject"],
+              "rss": ours["rss_mib"] / ref["rss_mib"],
+              "s_per_subject_batch": ref["s_per_subject_batch"] / ours["s_per_subject_batch"]}
+    import torch
+
+    result = {"when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+              "python": platform.python_version(), "torch": torch.__version__, "args": vars(args) | {"out": str(args.out), "reference_script": str(args.reference_script)},
+              "median": med, "ratios": ratios, "samples": samples}
+    k = args.subjects
+    print(f"\n| trainer | steps/s | s/subject, 1 subject (with start-up) | s/subject, {k}-subject batch | peak RSS MiB |")
+    print("|---|---|---|---|---|")
+    for name, m in med.items():
+        print(f"| {name} | {m['steps_per_s']:.2f} | {m['s_per_subject']:.1f} | {m['s_per_subject_batch']:.1f} | {m['rss_mib']:.0f} |")
+    print(f"\nratios: steps/s x{ratios['steps_per_s']:.2f}; seconds per subject x{ratios['s_per_subject']:.2f} (1 subject), "
+          f"x{ratios['s_per_subject_batch']:.2f} ({k}-subject batch) (reference / ours); RSS x{ratios['rss']:.2f} (ours / reference)")
+    with open(args.out / "results.json", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference-script", type=Path, required=True)
+    parser.add_argument("--python", default=sys.executable, help="interpreter both trainers run with (one torch)")
+    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny", help="tiny, or SD 1.5-shaped random weights")
+    parser.add_argument("--resolution", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--steps", type=int, nargs=2, default=[40, 200], metavar=("SHORT", "LONG"))
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--subjects", type=int, default=4, help="subjects in dreamfleet's batch run (1: skip it)")
+    parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--out", type=Path, default=Path("/tmp/dreamfleet-bench"))
+    args = parser.parse_args()
+    args.mixed_precision_ref = args.mixed_precision
+    if not args.reference_script.exists():
+        raise SystemExit(f"--reference-script {args.reference_script} does not exist")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
