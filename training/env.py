@@ -14,7 +14,9 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGUSR1: Slurm's warning before the time limit; SIGTERM: Kubernetes, scancel, torchrun
+# shutting down; SIGINT: Ctrl-C locally (a second Ctrl-C interrupts at once).
+PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ class Preemption:
         return self
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self._event.is_set():
+            raise KeyboardInterrupt
         self.signal = signum
         self._event.set()
 
