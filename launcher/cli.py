@@ -45,11 +45,14 @@ def user_errors(fn):
     return wrapper
 
 
-def _load(job_file: Path, overrides: Optional[List[str]]):
+def _load(job_file: Path, overrides: Optional[List[str]], read_subjects: bool = True):
+    """The job, and its subjects (read from the manifest when the job names one)."""
     from launcher.config import load_job
     from launcher.subjects import resolve_subjects
 
     job = load_job(job_file, overrides or [])
+    if not read_subjects:
+        return job, job.subjects if isinstance(job.subjects, list) else []
     return job, resolve_subjects(job)
 
 
@@ -61,13 +64,14 @@ def validate(job_file: Path = JobArg, overrides: Optional[List[str]] = Overrides
     from launcher.errors import InputError
     from launcher.validate import check_job
 
-    job, subjects = _load(job_file, overrides)
+    job, subjects = _load(job_file, overrides, read_subjects=inputs)
     errors, notes = check_job(job, check_inputs=inputs)
     for note in notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if errors:
         raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)
-    typer.echo(f"{job_file}: ok ({len(subjects)} subject(s), adapter {job.adapter.type} rank {job.adapter.rank}, "
+    count = f"{len(subjects)} subject(s)" if subjects or inputs else f"subjects from {job.subjects}"
+    typer.echo(f"{job_file}: ok ({count}, adapter {job.adapter.type} rank {job.adapter.rank}, "
                f"strategy {job.distributed.strategy}, {job.distributed.nnodes}x{job.distributed.nproc_per_node} processes)")
 
 
@@ -150,6 +154,35 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
         typer.echo(json.dumps([asdict(s) for s in ledger.list_statuses(job_uri)], indent=2))
     else:
         _print_status_table(job_uri)
+
+
+def _scheduler(backend: str):
+    from launcher.backends import get_backend
+
+    module = get_backend(backend)
+    if not hasattr(module, "cancel"):
+        raise UserError(f"the {backend} backend runs in the foreground: there is no scheduler job to ask about")
+    return module
+
+
+@app.command()
+@user_errors
+def logs(job_file: Path = JobArg, job_id: Optional[str] = typer.Option(None, "--job-id", help="Only this scheduler job."),
+         lines: int = typer.Option(50, "--lines", "-n", help="Lines from the end of each log."),
+         backend: Optional[str] = BackendOpt):
+    """The tail of a submitted job's logs."""
+    from launcher.config import load_job
+
+    job = load_job(job_file)
+    typer.echo(_scheduler(backend or job.cluster.backend).logs(job, job_id, lines), nl=False)
+
+
+@app.command()
+@user_errors
+def cancel(job_id: str = typer.Argument(..., help="Scheduler job id (Slurm) or job name (Kubernetes)."),
+           backend: str = typer.Option("slurm", "--backend", "-b", help="slurm | kubernetes.")):
+    """Cancel a submitted job."""
+    typer.echo(_scheduler(backend).cancel(job_id))
 
 
 @app.command()

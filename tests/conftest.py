@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+pytest_plugins = ["slurm_cluster"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 RESOLUTION = 32
 

@@ -1,0 +1,75 @@
+"""The Slurm backend: write job.sbatch + job.yaml, run sbatch, and ask squeue/sacct/scancel.
+
+The render directory must be visible from the compute nodes (shared storage): the script
+names the resolved job file by its absolute path there.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from launcher.config import JobConfig, Subject, dump_job
+from launcher.errors import UserError
+from launcher.plan import make_plan
+from launcher.render.slurm import render_sbatch
+
+SCRIPT = "job.sbatch"
+
+
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    job_file = (out_dir / "job.yaml").absolute()
+    job_file.write_text(dump_job(job))
+    script = out_dir / SCRIPT
+    script.write_text(render_sbatch(job, make_plan(job, len(subjects)), str(job_file)))
+    return [job_file, script]
+
+
+def _run(cmd: list[str], what: str) -> str:
+    if shutil.which(cmd[0]) is None:
+        raise UserError(f"{cmd[0]} is not on PATH: run this on a Slurm login node (or set SLURM_CONF for a test cluster)")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise UserError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
+    render(job, subjects, out_dir)
+    if dry_run:
+        return (out_dir / SCRIPT).read_text()
+    # slurmstepd opens --output before the script runs: the log directory must already exist
+    Path(job.cluster.slurm.log_dir).mkdir(parents=True, exist_ok=True)
+    out = _run(["sbatch", "--parsable", str(out_dir / SCRIPT)], "sbatch")
+    return out.strip().split(";")[0]
+
+
+def queue(job_id: str) -> str:
+    """squeue's view of a job (and its array tasks), or sacct's once it has left the queue."""
+    out = _run(["squeue", "-h", "-j", job_id, "-o", "%i %T %M %R"], "squeue")
+    if out.strip():
+        return out
+    try:
+        return _run(["sacct", "-n", "-X", "-j", job_id, "-o", "JobID,State,Elapsed,ExitCode"], "sacct")
+    except UserError:
+        return f"{job_id}: not in the queue (accounting is off, so no history)\n"
+
+
+def cancel(job_id: str) -> str:
+    _run(["scancel", job_id], "scancel")
+    return f"cancelled {job_id}"
+
+
+def logs(job: JobConfig, job_id: str | None = None, lines: int = 50) -> str:
+    log_dir = Path(job.cluster.slurm.log_dir)
+    pattern = f"{job.name}-{job_id or ''}*"
+    files = sorted(log_dir.glob(pattern + ".out")) + sorted(log_dir.glob(pattern + ".err"))
+    if not files:
+        raise UserError(f"no Slurm logs matching {log_dir / pattern}.out|.err")
+    chunks = []
+    for path in files:
+        tail = path.read_text(errors="replace").splitlines()[-lines:]
+        chunks.append(f"==> {path} <==\n" + "\n".join(tail))
+    return "\n".join(chunks) + "\n"

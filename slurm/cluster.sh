@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# A real two-node Slurm cluster on one machine, for tests, CI and trying dreamfleet's Slurm
+# backend without a cluster. Needs root and Debian's slurm-wlm + munge.
+#
+#   slurm/cluster.sh up DIR      start munged (if needed), slurmctld and two slurmd (n1, n2)
+#   slurm/cluster.sh down DIR    stop them
+#   slurm/cluster.sh env DIR     print the export line clients need (SLURM_CONF)
+#
+# Both nodes are this host (NodeAddr=127.0.0.1, slurmd ports 17001-17002); jobs may share them.
+set -euo pipefail
+
+cmd=${1:-}
+dir=${2:-}
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 up|down|env DIR" >&2; exit 2; }
+mkdir -p "$dir"
+dir=$(cd "$dir" && pwd)
+conf="$dir/slurm.conf"
+cpus=${SLURM_NODE_CPUS:-$(nproc)}
+mem_mb=${SLURM_NODE_MEM_MB:-4000}
+
+start_munge() {
+  if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then return; fi
+  local key=/etc/munge/munge.key
+  if [ ! -s "$key" ]; then
+    mkdir -p /etc/munge
+    dd if=/dev/urandom of="$key" bs=1024 count=1 status=none
+  fi
+  chown munge:munge "$key" && chmod 400 "$key"
+  mkdir -p /run/munge /var/log/munge /var/lib/munge
+  chown munge:munge /run/munge /var/log/munge /var/lib/munge
+  su -s /bin/sh munge -c "munged" || runuser -u munge -- munged
+  for _ in $(seq 50); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return; sleep 0.1; done
+  echo "munged did not start" >&2; exit 1
+}
+
+write_conf() {
+  local host
+  host=$(hostname)
+  mkdir -p "$dir/state" "$dir/spool" "$dir/log"
+  cat > "$conf" <<EOF
+ClusterName=dreamfleet-test
+SlurmctldHost=$host(127.0.0.1)
+SlurmctldPort=${SLURMCTLD_PORT:-16817}
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SlurmUser=root
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool/%n
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd-%n.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd-%n.log
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobCompType=jobcomp/none
+JobRequeue=1
+AccountingStorageType=accounting_storage/none
+SchedulerParameters=batch_sched_delay=0,sched_min_interval=100000
+MessageTimeout=30
+KillWait=20
+NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=17001-17002 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
+EOF
+}
+
+case "$cmd" in
+  up)
+    command -v slurmctld >/dev/null || { echo "slurm-wlm is not installed (apt-get install slurm-wlm munge)" >&2; exit 1; }
+    start_munge
+    write_conf
+    export SLURM_CONF="$conf"
+    slurmctld -f "$conf"
+    slurmd -f "$conf" -N n1
+    slurmd -f "$conf" -N n2
+    for _ in $(seq 150); do
+      idle=$(sinfo -h -N -o "%N %t" 2>/dev/null | grep -c -E "idle|mix|alloc" || true)
+      [ "$idle" -ge 2 ] && { echo "slurm cluster up: export SLURM_CONF=$conf"; exit 0; }
+      sleep 0.2
+    done
+    echo "slurm nodes did not come up; logs in $dir/log" >&2
+    sinfo -N >&2 || true
+    exit 1
+    ;;
+  down)
+    for pidfile in "$dir"/slurmd-*.pid "$dir"/slurmctld.pid; do
+      [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
+    done
+    for _ in $(seq 50); do
+      pgrep -f "slurm(ctld|d) -f $conf" >/dev/null || exit 0
+      sleep 0.1
+    done
+    pkill -9 -f "slurm(ctld|d) -f $conf" || true
+    ;;
+  env)
+    echo "export SLURM_CONF=$conf"
+    ;;
+  *)
+    echo "usage: $0 up|down|env DIR" >&2; exit 2 ;;
+esac

@@ -1,0 +1,112 @@
+"""The Slurm backend on a real two-node Slurm cluster: multi-node torchrun, an array job,
+preemption with requeue and resume, and hostile strings that stay data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import job_dict, run_cli, run_worker, subject_entry, write_job
+from slurm_cluster import wait_for_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+HOSTILE = "a photo of sks dog $(touch /tmp/pwned-by-prompt) `id` \"quoted\" 'single' ; echo x\nnext line ünïcødé"
+
+
+def slurm_job(tmp_path, tiny_model, subjects, **sections) -> Path:
+    slurm = {"runtime": "none", "venv": sys.prefix, "log_dir": str(tmp_path / "logs"), "time": "00:20:00"}
+    cluster = {"backend": "slurm", "slurm": slurm, **sections.pop("cluster", {})}
+    return write_job(tmp_path / "job.yaml", job_dict(tiny_model, subjects, tmp_path / "out", cluster=cluster, **sections))
+
+
+def submit(job: Path, env: dict, tmp_path: Path) -> str:
+    proc = run_cli("submit", str(job), "--backend", "slurm", "--out", str(tmp_path / "rendered"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    job_id = proc.stdout.strip().splitlines()[-1]
+    assert job_id.isdigit(), proc.stdout
+    return job_id
+
+
+def logs(tmp_path: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted((tmp_path / "logs").glob("*")))
+
+
+def states(tmp_path: Path, name: str = "t") -> dict[str, str]:
+    root = tmp_path / "out" / name / "subjects"
+    return {p.name: json.loads((p / "status.json").read_text())["state"] for p in root.iterdir()}
+
+
+def test_two_node_job_trains_and_keeps_hostile_prompts_as_data(slurm_cluster, tmp_path, tiny_model, subjects_root):
+    if os.path.exists("/tmp/pwned-by-prompt"):
+        os.remove("/tmp/pwned-by-prompt")
+    subjects = [subject_entry(subjects_root, 0, instance_prompt=HOSTILE), subject_entry(subjects_root, 1)]
+    job = slurm_job(tmp_path, tiny_model, subjects, distributed={"nnodes": 2, "nproc_per_node": 1},
+                    train={"samples": {"enabled": True, "num_inference_steps": 1, "prompts": ["{instance}"]}})
+    started = time.time()
+    job_id = submit(job, slurm_cluster, tmp_path)
+    wait_for_job(job_id, slurm_cluster, 420)
+    text = logs(tmp_path)
+    assert states(tmp_path) == {"s0": "done", "s1": "done"}, text[-4000:]
+    # one torchrun agent per node, world size 2: each rank trained one subject
+    assert "rank 0/2: 1 subject(s)" in text and "rank 1/2: 1 subject(s)" in text, text[-4000:]
+    out = tmp_path / "out" / "t" / "subjects"
+    assert (out / "s0" / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "s0" / "samples" / "prompts.txt").read_text() == HOSTILE + "\n"
+    assert not os.path.exists("/tmp/pwned-by-prompt")
+    print(f"\n2-node sbatch-to-adapter: {time.time() - started:.1f}s\n--- log tail ---\n" + "\n".join(text.splitlines()[-12:]))
+
+
+def test_array_job_trains_every_shard(slurm_cluster, tmp_path, tiny_model, subjects_root):
+    subjects = [subject_entry(subjects_root, i) for i in range(4)]
+    job = slurm_job(tmp_path, tiny_model, subjects, cluster={"shards": 4})
+    rendered = run_cli("render", str(job), "--backend", "slurm", "--out", str(tmp_path / "r"))
+    assert "#SBATCH --array=0-3" in (tmp_path / "r" / "job.sbatch").read_text(), rendered.stderr
+    job_id = submit(job, slurm_cluster, tmp_path)
+    wait_for_job(job_id, slurm_cluster, 420)
+    assert states(tmp_path) == {f"s{i}": "done" for i in range(4)}, logs(tmp_path)[-4000:]
+    text = logs(tmp_path)
+    assert sum(f"shard {i}/4" in text for i in range(4)) == 4
+
+
+def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, tiny_model, subjects_root):
+    steps = 300
+    train = {"steps": steps, "log_every": 50}
+    subjects = [subject_entry(subjects_root, 0)]
+    straight = write_job(tmp_path / "straight.yaml", job_dict(tiny_model, subjects, tmp_path / "straight", train=train))
+    assert run_worker(straight).returncode == 0
+
+    job = slurm_job(tmp_path, tiny_model, subjects, train=train, output={"heartbeat_s": 1})
+    job_id = submit(job, slurm_cluster, tmp_path)
+    status_path = tmp_path / "out" / "t" / "subjects" / "s0" / "status.json"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if status_path.exists() and json.loads(status_path.read_text()).get("step", 0) >= 10:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the job never started training:\n" + logs(tmp_path)[-3000:])
+    env = dict(os.environ, **slurm_cluster)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
+    # Slurm holds a requeued job back for a while (BeginTime); on a test cluster, start it now
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T %r"], capture_output=True, text=True, env=env).stdout
+        if out.startswith("PENDING"):
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=env)
+            break
+        time.sleep(0.5)
+    wait_for_job(job_id, slurm_cluster, 600)
+    text = logs(tmp_path)
+    status = json.loads(status_path.read_text())
+    assert status["state"] == "done" and status["attempts"] == 2, text[-4000:]
+    assert "asking workers to checkpoint" in text and "requeueing job" in text and "resuming from step-" in text
+    a = load_file(tmp_path / "straight" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "out" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
