@@ -1,0 +1,82 @@
+"""The Kubernetes backend: write manifests (and a kustomization) to a directory, and apply them
+with kubectl when a context is configured.
+
+The kustomization file is named `Kustomization` (a name kustomize reads) rather than
+`kustomization.yaml`, because `kubectl apply -f DIR` reads every *.yaml in DIR and would try to
+apply the kustomization itself; this way both `kubectl apply -k DIR` and `-f DIR` work.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from launcher.config import JobConfig, Subject, dump_job
+from launcher.errors import UserError
+from launcher.plan import make_plan
+from launcher.render.kubernetes import render_manifests
+
+KUSTOMIZATION = "Kustomization"
+
+
+def dump(obj: dict) -> str:
+    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, allow_unicode=True, width=120)
+
+
+def file_name(index: int, obj: dict) -> str:
+    return f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
+
+
+def render_files(job: JobConfig, subjects: list[Subject]) -> dict[str, str]:
+    """{file name: YAML text} for the job's manifests and its kustomization."""
+    objs = render_manifests(job, make_plan(job, len(subjects)), dump_job(job))
+    files = {file_name(i, obj): dump(obj) for i, obj in enumerate(objs)}
+    kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+                     "resources": sorted(files)}
+    files[KUSTOMIZATION] = dump(kustomization)
+    return files
+
+
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob("*.yaml"):
+        stale.unlink()
+    paths = []
+    for name, text in render_files(job, subjects).items():
+        (out_dir / name).write_text(text)
+        paths.append(out_dir / name)
+    return paths
+
+
+def _kubectl(args: list[str], what: str) -> str:
+    if shutil.which("kubectl") is None:
+        raise UserError("kubectl is not on PATH; apply the rendered directory from where it is: kubectl apply -k DIR")
+    proc = subprocess.run(["kubectl", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise UserError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
+    render(job, subjects, out_dir)
+    if dry_run:
+        return "".join(f"---\n# {p.name}\n{p.read_text()}" for p in sorted(out_dir.glob("*.yaml")))
+    context = subprocess.run(["kubectl", "config", "current-context"], capture_output=True, text=True) \
+        if shutil.which("kubectl") else None
+    if context is None or context.returncode:
+        raise UserError(f"no kubectl context is configured; the manifests are in {out_dir}: "
+                        f"apply them with `kubectl apply -k {out_dir}` where a cluster is reachable")
+    return _kubectl(["apply", "-k", str(out_dir)], "kubectl apply")
+
+
+def cancel(name: str, namespace: str = "default") -> str:
+    return _kubectl(["delete", "job,jobset,pytorchjob", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}",
+                     "--ignore-not-found"], "kubectl delete")
+
+
+def logs(job: JobConfig, job_id: str | None = None, lines: int = 50) -> str:
+    return _kubectl(["logs", "-n", job.cluster.kubernetes.namespace, "-l", f"app.kubernetes.io/instance={job.name}",
+                     "--tail", str(lines), "--prefix", "--max-log-requests", "20"], "kubectl logs")
