@@ -31,7 +31,8 @@ RETRY_ATTEMPTS = int(os.environ.get("DREAMFLEET_STORAGE_ATTEMPTS", "6"))
 RETRY_BASE_S = float(os.environ.get("DREAMFLEET_STORAGE_BACKOFF_S", "0.5"))
 _TRANSIENT_MARKERS = ("503", "500", "502", "504", "SlowDown", "Throttl", "RequestTimeout", "InternalError",
                       "ServiceUnavailable", "reset by peer", "Connection reset", "timed out", "Server disconnected",
-                      "ServerDisconnected", "ClientOSError", "Connection aborted", "RemoteDisconnected")
+                      "ServerDisconnected", "ClientOSError", "Connection aborted", "RemoteDisconnected",
+                      "EndpointConnectionError", "ConnectTimeout", "ReadTimeout")
 
 
 def is_local(uri: str) -> bool:

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-pytest_plugins = ["slurm_cluster"]
+pytest_plugins = ["slurm_cluster", "s3"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 RESOLUTION = 32
 
