@@ -36,13 +36,26 @@ def notes_for(job: JobConfig) -> list[str]:
                      "step runs on the CPU, where DeepSpeed's own CPU Adam is used instead (fp32 state on the host)")
     if t.optimizer == "paged_adamw8bit":
         notes.append("train.optimizer=paged_adamw8bit pages state only on GPU; on CPU it runs as AdamW8bit")
+    if d.strategy in ("ddp", "deepspeed") and t.checkpoint_every:
+        notes.append(f"train.checkpoint_every: strategy {d.strategy} writes no resumable checkpoints yet; a preempted "
+                     "subject restarts from step 0 (strategy subject resumes)")
     if t.compile:
         notes.append("train.compile applies on GPU only; CPU runs are not compiled")
     return notes
 
 
+def unsupported(job: JobConfig) -> list[str]:
+    """Combinations the worker cannot run (yet), reported before anything starts."""
+    d = job.distributed
+    errors = []
+    if d.strategy in ("ddp", "deepspeed") and job.adapter.text_encoder is not None:
+        errors.append(f"adapter.text_encoder: a text-encoder adapter is not supported with distributed.strategy "
+                      f"{d.strategy} yet; use strategy subject, or drop it")
+    return errors
+
+
 def check_job(job: JobConfig, check_inputs: bool = True) -> tuple[list[str], list[str]]:
-    errors: list[str] = []
+    errors: list[str] = unsupported(job)
     if check_inputs:
         errors += check_model(job.model.source)
         subjects = resolve_subjects(job)

@@ -43,19 +43,20 @@ def states(tmp_path: Path, name: str = "t") -> dict[str, str]:
     return {p.name: json.loads((p / "status.json").read_text())["state"] for p in root.iterdir()}
 
 
-def test_two_node_job_trains_and_keeps_hostile_prompts_as_data(slurm_cluster, tmp_path, tiny_model, subjects_root):
+def test_two_node_zero2_job_trains_and_keeps_hostile_prompts_as_data(slurm_cluster, tmp_path, tiny_model, subjects_root):
     if os.path.exists("/tmp/pwned-by-prompt"):
         os.remove("/tmp/pwned-by-prompt")
     subjects = [subject_entry(subjects_root, 0, instance_prompt=HOSTILE), subject_entry(subjects_root, 1)]
-    job = slurm_job(tmp_path, tiny_model, subjects, distributed={"nnodes": 2, "nproc_per_node": 1},
+    job = slurm_job(tmp_path, tiny_model, subjects,
+                    distributed={"nnodes": 2, "nproc_per_node": 1, "strategy": "deepspeed", "zero_stage": 2},
                     train={"samples": {"enabled": True, "num_inference_steps": 1, "prompts": ["{instance}"]}})
     started = time.time()
     job_id = submit(job, slurm_cluster, tmp_path)
     wait_for_job(job_id, slurm_cluster, 420)
     text = logs(tmp_path)
     assert states(tmp_path) == {"s0": "done", "s1": "done"}, text[-4000:]
-    # one torchrun agent per node, world size 2: each rank trained one subject
-    assert "rank 0/2: 1 subject(s)" in text and "rank 1/2: 1 subject(s)" in text, text[-4000:]
+    # one torchrun agent per node, world size 2: both ranks train every subject together (ZeRO-2)
+    assert "rank 0/2: 2 subject(s)" in text and "rank 1/2: 2 subject(s)" in text, text[-4000:]
     out = tmp_path / "out" / "t" / "subjects"
     assert (out / "s0" / "pytorch_lora_weights.safetensors").exists()
     assert (out / "s0" / "samples" / "prompts.txt").read_text() == HOSTILE + "\n"

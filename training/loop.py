@@ -115,10 +115,15 @@ class Stepper:
 
 
 def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator, stepper: Stepper,
-                   train_text_encoder: bool) -> torch.Tensor:
-    """One micro-batch: noise the cached latents, predict, and return the DreamBooth loss."""
+                   train_text_encoder: bool, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """One micro-batch: noise the cached latents, predict, and return the DreamBooth loss.
+
+    Data-parallel ranks pass shard=(rank, world): every rank draws the same global batch
+    (batch_size x world) from the same generator and keeps its own slice, so the averaged
+    gradient equals one process training on the global batch."""
     t, device = job.train, c.device
-    bs = t.batch_size
+    rank, world = shard
+    bs = t.batch_size * world
     on = {"generator": gen, "device": gen.device}  # the step's randomness is drawn where it is used
     latents = data.instance.sample(torch.randint(len(data.instance), (bs,), **on), gen)
     prompts_ids, prompt_emb = [data.instance_ids] * bs, [data.instance_emb] * bs
@@ -130,6 +135,12 @@ def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.
     if t.noise_offset:
         noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)
     timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), **on)
+    if world > 1:
+        mine = torch.arange(rank * t.batch_size, (rank + 1) * t.batch_size)
+        rows = torch.cat([mine, mine + bs]) if data.prior is not None else mine
+        latents, noise, timesteps = latents[rows.to(latents.device)], noise[rows.to(noise.device)], timesteps[rows.to(timesteps.device)]
+        prompts_ids = [prompts_ids[i] for i in rows.tolist()]
+        prompt_emb = [prompt_emb[i] for i in rows.tolist()]
     noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
     with stepper.autocast():
         if train_text_encoder:
