@@ -68,11 +68,13 @@ def write_diffusers(adapter: TrainedAdapter, directory: Path) -> Path | None:
     # peft-named keys under unet./text_encoder.: what diffusers' loader reads back losslessly
     # (its legacy "lora.down" naming loses the attention projections on the way back)
     tensors = {f"unet.{k}": v for k, v in adapter.unet.items()}
-    metadata = {"unet.lora_adapter_metadata": json.dumps(_peft_config_dict(adapter.unet_config), sort_keys=True)}
+    # diffusers reads each model's peft config (rank, alpha, targets) from one JSON entry whose
+    # keys carry the model prefix; without it, it assumes alpha = rank
+    configs = {f"unet.{k}": v for k, v in _peft_config_dict(adapter.unet_config).items()}
     if adapter.text_encoder is not None:
         tensors.update({f"text_encoder.{k}": v for k, v in adapter.text_encoder.items()})
-        metadata["text_encoder.lora_adapter_metadata"] = json.dumps(_peft_config_dict(adapter.text_encoder_config), sort_keys=True)
-    metadata.update(adapter.metadata)
+        configs.update({f"text_encoder.{k}": v for k, v in _peft_config_dict(adapter.text_encoder_config).items()})
+    metadata = {"lora_adapter_metadata": json.dumps(configs, sort_keys=True), **adapter.metadata}
     metadata["format"] = "pt"
     path = directory / DIFFUSERS_WEIGHTS
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)

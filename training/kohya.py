@@ -37,6 +37,9 @@ def to_kohya(state: dict[str, torch.Tensor], part: str, alpha: float) -> dict[st
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, factor = _split(key)
+        if part == "text_encoder" and not module.startswith("text_model."):
+            # transformers 5 flattened CLIPTextModel; kohya/A1111/ComfyUI keys keep "text_model"
+            module = "text_model." + module
         name = PREFIX[part] + module.replace(".", "_")
         out[f"{name}.{factor}"] = value.contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
