@@ -93,7 +93,8 @@ def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg, backend: Optional[str] = BackendOpt,
            dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be submitted, submit nothing."),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where rendered files go (default .dreamfleet/<job>/<backend>)."),
-           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Check inputs before submitting.")):
+           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Check inputs before submitting."),
+           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record subjects with bad inputs as failed (with the reason) and go on with the rest.")):
     """Render and submit a job; the local backend trains in the foreground."""
     from launcher.backends import get_backend
     from launcher.errors import InputError
@@ -101,7 +102,18 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 
     job, subjects = _load(job_file, overrides)
     name = backend or job.cluster.backend
-    errors, notes = check_job(job, check_inputs=inputs and name == "local")
+    if skip_invalid:
+        from launcher.fleet import record_invalid
+
+        for sid, problems in record_invalid(job, subjects).items():
+            typer.secho(f"skipping subject {sid}: {'; '.join(problems)}", fg=typer.colors.YELLOW, err=True)
+        inputs = False
+        errors, notes = check_job(job, check_inputs=False)
+        from launcher.validate import check_model
+
+        errors += check_model(job.model.source)
+    else:
+        errors, notes = check_job(job, check_inputs=inputs and name == "local")
     for note in notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if errors:
@@ -144,16 +156,44 @@ def _print_status_table(job_uri: str) -> None:
 @user_errors
 def status(target: str = typer.Argument(..., help="Job file or the job's output URI (<output>/<job name>)."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """Per-subject state from the ledger in the output."""
-    from dataclasses import asdict
-
-    from launcher import ledger
+    """Counts by state, throughput, ETA, failures, and each subject, from the ledger in the output."""
+    from launcher import fleet
 
     job_uri = _job_uri(target)
     if as_json:
-        typer.echo(json.dumps([asdict(s) for s in ledger.list_statuses(job_uri)], indent=2))
-    else:
-        _print_status_table(job_uri)
+        typer.echo(fleet.status_json(job_uri))
+        return
+    _print_status_table(job_uri)
+    from launcher import ledger
+
+    summary = fleet.summarize(ledger.list_statuses(job_uri))
+    counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
+    rate = f"{summary['subjects_per_hour']:.1f} subjects/hour" if summary["subjects_per_hour"] else "no throughput yet"
+    eta = f", ETA {summary['eta_s'] / 60:.0f} min" if summary["eta_s"] else ""
+    typer.echo(f"{summary['total']} subjects: {counts}; {rate}{eta}")
+    for failure in summary["failures"]:
+        typer.secho(f"failed {failure['id']} ({failure['attempts']} attempt(s)): {failure['error']}", fg=typer.colors.RED)
+
+
+@app.command()
+@user_errors
+def report(target: str = typer.Argument(..., help="Job file or the job's output URI."),
+           out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Where to write the page.")):
+    """One self-contained HTML page: loss curves, sample images and failures of every subject."""
+    from launcher.fleet import render_report
+
+    out.write_text(render_report(_job_uri(target)))
+    typer.echo(str(out))
+
+
+@app.command("retry-failed")
+@user_errors
+def retry_failed(target: str = typer.Argument(..., help="Job file or the job's output URI.")):
+    """Give failed subjects a fresh attempt budget; the next submit trains them again."""
+    from launcher.fleet import retry_failed as reset
+
+    ids = reset(_job_uri(target))
+    typer.echo(f"reset {len(ids)} failed subject(s): {', '.join(ids) or '-'}")
 
 
 def _scheduler(backend: str):

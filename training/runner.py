@@ -125,7 +125,7 @@ class Worker:
         go, why = should_train(status, job, self.owner)
         if not go:
             log.info("subject %s: skipped (%s)", subject.id, why)
-            return Outcome(subject.id, status.state if status else "pending", why)
+            return Outcome(subject.id, "skipped", why)  # the exit code reflects what this run attempted
         log.info("subject %s: training (%s)", subject.id, why)
         status = status or SubjectStatus(id=subject.id)
         steps = subject.steps or job.train.steps

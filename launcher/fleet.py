@@ -1,0 +1,138 @@
+"""Seeing a fleet: counts by state, throughput and ETA from the status ledger; a self-contained
+HTML report (loss curves, sample images, failures); and resetting failed subjects for a retry.
+Everything is read from the output (any URI), so it works from anywhere the bucket is visible.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from dataclasses import asdict
+
+from launcher import ledger, storage
+from launcher.ledger import STATES, SubjectStatus
+
+
+def summarize(statuses: list[SubjectStatus], now: float | None = None) -> dict:
+    now = now or time.time()
+    counts = {state: sum(s.state == state for s in statuses) for state in STATES}
+    done = [s for s in statuses if s.state == "done" and s.finished_at]
+    started = [s.started_at for s in statuses if s.started_at]
+    throughput = None
+    if done and started:
+        window_h = (max(s.finished_at for s in done) - min(started)) / 3600
+        throughput = len(done) / window_h if window_h > 0 else None
+    remaining = counts["pending"] + counts["running"]
+    eta_s = remaining / throughput * 3600 if throughput and remaining else (0.0 if not remaining else None)
+    failures = [{"id": s.id, "attempts": s.attempts, "error": s.error} for s in statuses if s.state == "failed"]
+    stale = [s.id for s in statuses if s.state == "running" and s.heartbeat_at and now - s.heartbeat_at > 600]
+    return {"total": len(statuses), "counts": counts, "subjects_per_hour": throughput, "eta_s": eta_s,
+            "failures": failures, "stale_running": stale}
+
+
+def status_json(job_uri: str) -> str:
+    statuses = ledger.list_statuses(job_uri)
+    return json.dumps({"summary": summarize(statuses), "subjects": [asdict(s) for s in statuses]}, indent=2)
+
+
+def retry_failed(job_uri: str) -> list[str]:
+    """Failed subjects go back to pending with a fresh attempt budget; returns their ids."""
+    reset = []
+    for status in ledger.list_statuses(job_uri):
+        if status.state == "failed":
+            status.history.append({"reset_by": "retry-failed", "at": time.time(), "error": status.error})
+            status.state, status.attempts, status.error = "pending", 0, None
+            ledger.write_status(job_uri, status)
+            reset.append(status.id)
+    return reset
+
+
+def record_invalid(job, subjects) -> dict[str, list[str]]:
+    """Check every subject's images; mark the bad ones failed (attempts exhausted, so workers
+    skip them) with the reason. Returns {id: problems}."""
+    from launcher.subjects import check_subjects
+
+    bad = check_subjects(subjects)
+    for sid, problems in bad.items():
+        status = ledger.read_status(job.job_uri, sid) or SubjectStatus(id=sid)
+        if status.state == "done":
+            continue
+        status.state, status.attempts = "failed", job.output.max_attempts
+        status.error = "invalid input: " + "; ".join(problems)
+        status.finished_at = time.time()
+        ledger.write_status(job.job_uri, status)
+    return bad
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _metrics(job_uri: str, sid: str) -> list[dict]:
+    try:
+        text = storage.read_text(storage.join(ledger.subject_uri(job_uri, sid), "metrics.jsonl"))
+    except FileNotFoundError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _curve(points: list[dict], width: int = 320, height: int = 120) -> str:
+    """An inline SVG line of loss against step."""
+    if len(points) < 2:
+        return "<p class='muted'>no loss curve</p>"
+    xs, ys = [p["step"] for p in points], [p["loss"] for p in points]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+    sx = (width - 10) / max(x1 - x0, 1e-9)
+    sy = (height - 20) / max(y1 - y0, 1e-9)
+    path = " ".join(f"{5 + (x - x0) * sx:.1f},{height - 10 - (y - y0) * sy:.1f}" for x, y in zip(xs, ys))
+    return (f"<svg width='{width}' height='{height}' role='img' aria-label='loss curve'>"
+            f"<polyline fill='none' stroke='#2a6fdb' stroke-width='2' points='{path}'/>"
+            f"<text x='5' y='12' font-size='11'>loss {ys[0]:.3f} → {ys[-1]:.3f} over {x1} steps</text></svg>")
+
+
+def _samples(job_uri: str, sid: str, limit: int = 4) -> str:
+    folder = storage.join(ledger.subject_uri(job_uri, sid), "samples")
+    names = [n for n in storage.list_names(folder) if n.endswith(".png")][:limit]
+    imgs = []
+    for name in names:
+        data = base64.b64encode(storage.read_bytes(storage.join(folder, name))).decode()
+        imgs.append(f"<img alt='{html.escape(sid)} sample {html.escape(name)}' src='data:image/png;base64,{data}'>")
+    return "".join(imgs) or "<p class='muted'>no samples</p>"
+
+
+def render_report(job_uri: str) -> str:
+    statuses = ledger.list_statuses(job_uri)
+    summary = summarize(statuses)
+    esc = html.escape
+    rate = f"{summary['subjects_per_hour']:.1f}" if summary["subjects_per_hour"] else "-"
+    cards = []
+    for s in statuses:
+        body = (f"{_curve(_metrics(job_uri, s.id))}<div class='samples'>{_samples(job_uri, s.id)}</div>"
+                if s.state == "done" else f"<p class='error'>{esc(s.error or s.state)}</p>")
+        loss = f", final loss {s.final_loss:.4f}" if s.final_loss is not None else ""
+        cards.append(f"<section class='card {esc(s.state)}' id='subject-{esc(s.id)}'><h2>{esc(s.id)}</h2>"
+                     f"<p class='meta'>{esc(s.state)}, step {s.step}/{s.steps}, attempts {s.attempts}{loss}</p>{body}</section>")
+    counts = " · ".join(f"{k}: {v}" for k, v in summary["counts"].items())
+    failures = "".join(f"<tr><td>{esc(f['id'])}</td><td>{f['attempts']}</td><td>{esc(f['error'] or '')}</td></tr>"
+                       for f in summary["failures"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>dreamfleet report: {esc(job_uri)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
+.cards {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 12px; }}
+.card {{ border: 1px solid #ddd; border-radius: 8px; padding: 8px 12px; }}
+.card.failed {{ border-color: #d33; background: #fff5f5; }}
+.card h2 {{ font-size: 16px; margin: 4px 0; }} .meta, .muted {{ color: #666; font-size: 13px; }}
+.samples img {{ width: 96px; height: 96px; image-rendering: pixelated; margin-right: 4px; }}
+.error {{ color: #b00; font-family: monospace; font-size: 12px; white-space: pre-wrap; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 4px 8px; font-size: 13px; }}
+</style></head><body>
+<h1>dreamfleet: {esc(job_uri)}</h1>
+<p>{summary['total']} subjects — {counts} — {rate} subjects/hour</p>
+<h2>Failures</h2>
+{'<table><tr><th>subject</th><th>attempts</th><th>error</th></tr>' + failures + '</table>' if failures else '<p>none</p>'}
+<h2>Subjects</h2>
+<div class="cards">{''.join(cards)}</div>
+</body></html>
+"""
