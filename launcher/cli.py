@@ -235,6 +235,36 @@ def demo(overrides: Optional[List[str]] = OverridesArg,
     raise typer.Exit(run_demo(job_file, overrides or []))
 
 
+def _run_training_tool(module: str, args: list[str]) -> None:
+    # launcher never imports training (DESIGN: one arrow down), so the offline tools run as a child
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", module, *args])
+    if done.returncode:
+        raise typer.Exit(done.returncode)
+
+
+@app.command()
+@user_errors
+def convert(src: Path = typer.Argument(..., help="PEFT adapter dir, diffusers LoRA file or kohya/LyCORIS file."),
+            dst: Path = typer.Argument(..., help="Output dir (peft, diffusers) or .safetensors file (kohya)."),
+            to: str = typer.Option(..., "--to", help="peft | diffusers | kohya."),
+            model: Optional[Path] = typer.Option(None, "--model", help="Base model dir (needed to read kohya files).")):
+    """Convert an adapter between the PEFT, diffusers and kohya/A1111/ComfyUI/LyCORIS formats."""
+    if to not in ("peft", "diffusers", "kohya"):
+        raise UserError(f"--to must be one of peft, diffusers, kohya; got {to!r}")
+    _run_training_tool("training.convert", [str(src), str(dst), "--to", to] + (["--model", str(model)] if model else []))
+
+
+@app.command()
+@user_errors
+def merge(model: Path = typer.Argument(..., help="Base diffusers pipeline dir."),
+          adapter: Path = typer.Argument(..., help="PEFT adapter dir (a run's adapter/ folder)."),
+          out: Path = typer.Argument(..., help="Output dir for the merged pipeline.")):
+    """Bake an adapter into the UNet and text encoder weights and save a full diffusers pipeline."""
+    _run_training_tool("training.merge", [str(model), str(adapter), str(out)])
+
+
 @app.command()
 def version():
     """Versions of dreamfleet and the libraries it trains with (for bug reports)."""

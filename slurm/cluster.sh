@@ -4,6 +4,7 @@
 #
 #   slurm/cluster.sh up DIR      start munged (if needed), slurmctld and two slurmd (n1, n2)
 #   slurm/cluster.sh down DIR    stop them
+#   slurm/cluster.sh status DIR  nodes and queue (exit 1 when the controller does not answer)
 #   slurm/cluster.sh env DIR     print the export line clients need (SLURM_CONF)
 #
 # Both nodes are this host (NodeAddr=127.0.0.1, slurmd ports 17001-17002); jobs may share them.
@@ -11,7 +12,7 @@ set -euo pipefail
 
 cmd=${1:-}
 dir=${2:-}
-[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 up|down|env DIR" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 up|down|status|env DIR" >&2; exit 2; }
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 conf="$dir/slurm.conf"
@@ -95,9 +96,15 @@ case "$cmd" in
     done
     pkill -9 -f "slurm(ctld|d) -f $conf" || true
     ;;
+  status)
+    export SLURM_CONF="$conf"
+    [ -f "$conf" ] || { echo "no cluster in $dir (run: $0 up $dir)" >&2; exit 1; }
+    sinfo -N -o "%N %t %C" || exit 1
+    squeue -o "%i %j %T %M %R"
+    ;;
   env)
     echo "export SLURM_CONF=$conf"
     ;;
   *)
-    echo "usage: $0 up|down|env DIR" >&2; exit 2 ;;
+    echo "usage: $0 up|down|status|env DIR" >&2; exit 2 ;;
 esac

@@ -98,3 +98,73 @@ def test_two_torchrun_agents_rendezvous_and_train_with_zero2(make_job, tmp_path)
     assert "rank 0/2: 1 subject(s)" in errs[0] + errs[1] and "rank 1/2: 1 subject(s)" in errs[0] + errs[1]
     status = json.loads((tmp_path / "out" / "nodes" / "subjects" / "s0" / "status.json").read_text())
     assert status["state"] == "done"
+
+
+def _assert_adapter_equals_the_shards(folder):
+    """The checkpoint's adapter file (gathered on rank 0) against the adapter DeepSpeed's own
+    zero_to_fp32 assembles from the per-rank optimizer shards in the same checkpoint."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    saved = load_file(folder / "adapter_unet.safetensors")
+    shards = get_fp32_state_dict_from_zero_checkpoint(str(folder / "engine"), tag="state")
+    assembled = {k.replace(".default", ""): v for k, v in shards.items() if "lora_" in k}
+    assert saved and len(saved) == len(assembled), (sorted(saved)[:3], sorted(assembled)[:3])
+    assert max_diff(saved, assembled) == 0.0
+
+
+def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2):
+    """Start a 2-process run, send SIGUSR1 to one worker once the heartbeat shows `min_step`
+    (the other learns it in the step's all-reduce), check the checkpoint, then run it again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO, worker_env
+
+    subject = tmp_path / "out" / name / "subjects" / "s0"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "training.worker", "--job", str(job)]
+    agent = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and agent.poll() is None:
+        status_path = subject / "status.json"
+        if status_path.exists():
+            status = json.loads(status_path.read_text())
+            if status["state"] == "running" and status.get("step", 0) >= min_step:
+                break
+        time.sleep(0.1)
+    workers = psutil.Process(agent.pid).children()
+    assert workers, "torchrun has no workers"
+    workers[0].send_signal(signal.SIGUSR1)
+    _, stderr = agent.communicate(timeout=300)
+    (tmp_path / "preempted.log").write_text(stderr)
+    status = json.loads((subject / "status.json").read_text())
+    assert status["state"] == "pending" and 0 < status["step"], (status, stderr[-4000:])
+    assert (subject / "checkpoints" / "latest").exists()
+    latest = (subject / "checkpoints" / "latest").read_text().strip()
+    if "zero_stage" in job.read_text():
+        _assert_adapter_equals_the_shards(subject / "checkpoints" / latest)
+    again = run_worker(job, nproc=2)
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert f"resuming from {latest}" in again.stderr
+    status = json.loads((subject / "status.json").read_text())
+    assert status["state"] == "done" and status["attempts"] == 2
+    return subject
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3"])
+def test_preempted_run_resumes_to_the_straight_result(make_job, tmp_path, tiny_model, strategy):
+    """Checkpoint at preemption (DeepSpeed: its own checkpoint with one optimizer shard per rank,
+    and the gathered adapter), resume, and end where an uninterrupted run ends."""
+    distributed = {"strategy": "ddp", "nproc_per_node": 2} if strategy == "ddp" else \
+        {"strategy": "deepspeed", "zero_stage": int(strategy[-1]), "nproc_per_node": 2}
+    train = {"steps": 40, "optimizer": "adamw8bit" if strategy == "zero3" else "adamw", "lr_scheduler": "cosine",
+             "log_every": 10}
+    straight = run_worker(make_job(name="straight", train=train, distributed=distributed), nproc=2)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    job = make_job(name="resumed", train=train, distributed=distributed, output={"heartbeat_s": 1})
+    _preempt_then_resume(job, tmp_path, "resumed")
+    assert max_diff(adapter(tmp_path, "straight"), adapter(tmp_path, "resumed")) < 1e-5

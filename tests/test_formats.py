@@ -1,48 +1,204 @@
-"""Exported formats load in third-party loaders and reproduce the adapter: the kohya/A1111
-single file through diffusers' loader for non-diffusers LoRAs, UNet only and with the text
-encoder. (LyCORIS-format LoHa/LoKr loading through lycoris-lora is not proven yet.)"""
+"""Exported adapters load in third-party loaders and reproduce the PEFT adapter's outputs.
+
+diffusers' non-diffusers LoRA loader reads the kohya LoRA file; lycoris-lora reads the LoHa/LoKr
+files; merge bakes the adapter into full weights. Everything runs on the tiny random model.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from conftest import run_worker
+from launcher.config import LohaSpec, LokrSpec, LoraSpec
+from training import adapters, export, kohya
 
-pytestmark = pytest.mark.slow
+ATOL = 1e-4
 
 
-def _images(tiny_model, lora: str | None):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+def _components(tiny_model):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None, requires_safety_checker=False)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet").eval()
+    te = CLIPTextModel.from_pretrained(tiny_model, subfolder="text_encoder").eval()
+    return unet, te
+
+
+def _randomize(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapters.adapter_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _trained(tiny_model, spec, te_spec=None, seed=1):
+    """A UNet (+TE) with a randomized adapter attached, and its TrainedAdapter."""
+    unet, te = _components(tiny_model)
+    adapters.attach(unet, spec, adapters.UNET_TARGETS, "unet")
+    _randomize(unet, seed)
+    trained = export.TrainedAdapter(unet=adapters.adapter_state_dict(unet),
+                                    unet_config=adapters.peft_config(spec, adapters.UNET_TARGETS), unet_spec=spec,
+                                    metadata={"adapter_type": spec.type})
+    if te_spec is not None:
+        adapters.attach(te, te_spec, adapters.TEXT_ENCODER_TARGETS, "text_encoder")
+        _randomize(te, seed + 1)
+        trained.text_encoder = adapters.adapter_state_dict(te)
+        trained.text_encoder_config = adapters.peft_config(te_spec, adapters.TEXT_ENCODER_TARGETS)
+        trained.text_encoder_spec = te_spec
+    return unet.eval(), te.eval(), trained
+
+
+def _inputs(unet):
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, unet.config.in_channels, 8, 8, generator=gen)
+    ids = torch.randint(0, 250, (1, 77), generator=gen)
+    return sample, ids
+
+
+@torch.no_grad()
+def _forward(unet, te, sample, ids):
+    hidden = te(ids)[0]
+    return unet(sample, 10, encoder_hidden_states=hidden).sample
+
+
+SPECS = {
+    "lora": LoraSpec(rank=4, alpha=2, targets="comprehensive"),
+    "loha": LohaSpec(rank=4, alpha=2, targets="comprehensive"),
+    "lokr": LokrSpec(rank=4, alpha=2, targets="comprehensive"),
+    "loha_tucker": LohaSpec(rank=4, alpha=2, targets="comprehensive", use_effective_conv2d=True),
+    "lokr_both": LokrSpec(rank=4, alpha=2, targets="comprehensive", decompose_both=True, use_effective_conv2d=True),
+}
+
+
+def _lycoris_apply(weights, prefix, model) -> int:
+    """Load every module of a kohya/LyCORIS file the way lycoris.kohya.create_network_from_weights
+    does (name match, get_module, make_module), and hook it into the model."""
+    from lycoris.modules import get_module, make_module
+
+    names = {k.split(".")[0] for k in weights if k.startswith(prefix + "_")}
+    count = 0
+    for name, module in model.named_modules():
+        lora_name = f"{prefix}_{name}".replace(".", "_")
+        if lora_name in names:
+            kind, params = get_module(weights, lora_name)
+            lyco = make_module(kind, params, lora_name, module)
+            lyco.multiplier = 1.0
+            lyco.apply_to()
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("kind,with_te", [("loha", False), ("loha", True), ("lokr", False), ("lokr", True),
+                                          ("loha_tucker", False),
+                                          pytest.param("lokr_both", True, marks=pytest.mark.xfail(
+                                              strict=True, reason="lycoris' make_module rebuilds tiny decomposed "
+                                              "w2 factors as full matrices (AttributeError lokr_w2_a)"))])
+def test_lycoris_loads_kohya_file(tiny_model, tmp_path, kind, with_te):
+    from lycoris.kohya import create_network_from_weights
+
+    spec = SPECS[kind]
+    unet, te, trained = _trained(tiny_model, spec, spec if with_te else None)
+    sample, ids = _inputs(unet)
+    expected = _forward(unet, te, sample, ids)
+    path = kohya.write_kohya(trained, tmp_path / "s.safetensors")
+
+    base_unet, base_te = _components(tiny_model)
+    weights = load_file(str(path))
+    loaded = _lycoris_apply(weights, "lora_unet", base_unet)
+    if with_te:
+        # kohya/A1111 keys name the text encoder's modules under "text_model." (transformers 4 naming)
+        loaded += _lycoris_apply(weights, "lora_te", torch.nn.ModuleDict({"text_model": base_te}))
+    assert loaded == sum(1 for k in weights if k.endswith(".alpha"))
+    got = _forward(base_unet, base_te, sample, ids)
+    assert not torch.allclose(expected, _forward(*_components(tiny_model), sample, ids), atol=ATOL)
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=1e-3)
+
+
+def _pipeline_image(pipe, prompt="a photo"):
+    from diffusers import DDIMScheduler
+
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    if lora:
-        pipe.load_lora_weights(lora)
-    return pipe("a photo of sks0 thing", num_inference_steps=2, height=32, width=32, output_type="np",
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, guidance_scale=1.0, output_type="np",
                 generator=torch.Generator().manual_seed(0)).images
 
 
-@pytest.mark.parametrize("with_te", [False, True], ids=["unet", "unet+te"])
-def test_kohya_file_loads_in_diffusers_and_matches_the_peft_adapter(make_job, tmp_path, tiny_model, with_te):
-    adapter = {"type": "lora", "rank": 4, "alpha": 2, "targets": "comprehensive"}
-    if with_te:
-        # diffusers recognises a kohya text-encoder LoRA by its out_proj keys (kohya's own
-        # trainer always adapts out_proj): the comprehensive preset has them, minimal does not
-        adapter["text_encoder"] = {"type": "lora", "rank": 2, "alpha": 4, "targets": "comprehensive"}
-    proc = run_worker(make_job(adapter=adapter, train={"steps": 3, "learning_rate": 5e-2}))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "out" / "t" / "subjects" / "s0"
-    from safetensors import safe_open
+@pytest.mark.parametrize("with_te", [False, True])
+def test_diffusers_loads_kohya_lora(tiny_model, tmp_path, with_te):
+    """diffusers' loader for non-diffusers (kohya) LoRAs reads the file; same image as the PEFT adapter."""
+    from diffusers import StableDiffusionPipeline
 
-    with safe_open(out / "s0.safetensors", "pt") as f:
-        keys, meta = list(f.keys()), f.metadata()
-    assert any(k.startswith("lora_unet_") and k.endswith(".lora_down.weight") for k in keys)
-    assert any(k.startswith("lora_te_") for k in keys) == with_te
-    assert meta["adapter_type"] == "lora" and meta["rank"] == "4" and meta["instance_prompt"] == "a photo of sks0 thing"
-    base = _images(tiny_model, None)
-    via_diffusers_format = _images(tiny_model, str(out))
-    via_kohya = _images(tiny_model, str(out / "s0.safetensors"))
-    assert abs(base - via_diffusers_format).max() > 1e-3  # the adapter does something
-    assert abs(via_kohya - via_diffusers_format).max() < 1e-4
+    spec = SPECS["lora"]
+    unet, te, trained = _trained(tiny_model, spec, spec if with_te else None)
+    path = kohya.write_kohya(trained, tmp_path / "s.safetensors")
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    base = _pipeline_image(pipe)
+    pipe.unet, pipe.text_encoder = unet, te
+    expected = _pipeline_image(pipe)
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    pipe.load_lora_weights(str(path))
+    got = _pipeline_image(pipe)
+    assert abs(expected - base).max() > 1e-3
+    assert abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])
+def test_peft_kohya_peft_round_trip(tiny_model, kind):
+    unet, te, trained = _trained(tiny_model, SPECS[kind], SPECS[kind])
+    spec = SPECS[kind]
+    for part, model, state in (("unet", unet, trained.unet), ("text_encoder", te, trained.text_encoder)):
+        names = [n for n, _ in model.named_modules()]
+        back = kohya.from_kohya(kohya.to_kohya(state, part, spec.effective_alpha, spec.rank), part, names,
+                                spec.effective_alpha, spec.rank)
+        assert back.keys() == state.keys()
+        for key in state:
+            assert torch.equal(back[key], state[key]), key
+
+
+@pytest.mark.parametrize("kind", ["lora", "lokr"])
+def test_merged_model_matches_adapter(tiny_model, tmp_path, kind):
+    from training.merge import merge
+
+    unet, te, trained = _trained(tiny_model, SPECS[kind], SPECS[kind])
+    export.write_peft(trained, tmp_path / "adapter")
+    merge(tiny_model, tmp_path / "adapter", tmp_path / "merged")
+    sample, ids = _inputs(unet)
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    m_unet = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet").eval()
+    m_te = CLIPTextModel.from_pretrained(tmp_path / "merged", subfolder="text_encoder").eval()
+    torch.testing.assert_close(_forward(m_unet, m_te, sample, ids), _forward(unet, te, sample, ids),
+                               atol=ATOL, rtol=1e-3)
+
+
+def test_real_run_converts_and_merges(make_job, tiny_model, tmp_path):
+    """A real training run's kohya LoRA -> PEFT through `launcher convert` reproduces the run's own
+    PEFT adapter; `launcher merge` of that adapter gives a pipeline whose UNet matches the adapter."""
+    from conftest import run_cli, run_worker
+
+    job = make_job(1, train={"steps": 2}, output={"formats": ["peft", "diffusers", "kohya"]})
+    done = run_worker(job)
+    assert done.returncode == 0, done.stderr[-2000:]
+    subject = next((tmp_path / "out").rglob("adapter_config.json")).parent.parent.parent
+    kohya_file = next(p for p in subject.glob("*.safetensors") if p.name != export.DIFFUSERS_WEIGHTS)
+    assert run_cli("convert", str(kohya_file), str(tmp_path / "peft"), "--to", "peft",
+                   "--model", str(tiny_model)).returncode == 0, "convert failed"
+    assert run_cli("merge", str(tiny_model), str(tmp_path / "peft"), str(tmp_path / "merged")).returncode == 0
+    from training.convert import read
+
+    ours, theirs = read(subject / "adapter"), read(tmp_path / "peft")
+    for key, value in ours.unet.items():
+        torch.testing.assert_close(theirs.unet[key], value)
+    from diffusers import UNet2DConditionModel
+
+    unet, te = _components(tiny_model)
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+
+    inject_adapter_in_model(ours.unet_config, unet, adapter_name="default")
+    set_peft_model_state_dict(unet, ours.unet, adapter_name="default")
+    merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet").eval()
+    sample, ids = _inputs(unet)
+    torch.testing.assert_close(_forward(merged, te, sample, ids), _forward(unet.eval(), te, sample, ids),
+                               atol=ATOL, rtol=1e-3)

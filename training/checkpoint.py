@@ -4,13 +4,20 @@
     <subject>/checkpoints/latest           "step-00000100", moved only after that manifest exists
 
 A checkpoint without a manifest is incomplete: it is ignored on resume and cleaned up.
+
+Uploads run off the training path: `Uploader.submit` publishes on a background thread, at most
+one upload in flight (a second submit first waits for the first), and `Uploader.wait` is called
+before a subject's final publish, so the adapter never lands before its last checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +83,42 @@ def publish(local_dir: Path, subject_uri: str, step: int, keep: int) -> str:
         storage.remove(storage.join(root, old))
     log.info("checkpoint %s published to %s", name, storage.redact(root))
     return name
+
+
+class Uploader:
+    """Publishes checkpoints on one background thread; at most one upload is in flight.
+
+    An upload's error is raised by the next `submit` or `wait`, so a failed checkpoint stops the
+    run at the next checkpoint at the latest, with its cause."""
+
+    def __init__(self, timeout_s: float | None = None):
+        self.timeout_s = timeout_s or float(os.environ.get("DREAMFLEET_UPLOAD_TIMEOUT_S", "3600"))
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, local_dir: Path, subject_uri: str, step: int, keep: int) -> None:
+        self.wait()
+
+        def upload() -> None:
+            try:
+                publish(local_dir, subject_uri, step, keep)
+                shutil.rmtree(local_dir, ignore_errors=True)  # published: the local copy is no longer needed
+            except BaseException as exc:  # handed to the training thread by wait()
+                self._error = exc
+
+        self._thread = threading.Thread(target=upload, name=f"checkpoint-upload-{step}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the upload in flight (if any) is published; raise its error."""
+        if self._thread is not None:
+            self._thread.join(self.timeout_s)
+            if self._thread.is_alive():
+                raise storage.StorageError(f"checkpoint upload still running after {self.timeout_s:.0f}s")
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def find_latest(subject_uri: str) -> str | None:

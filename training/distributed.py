@@ -35,6 +35,12 @@ def run_strategy(job: JobConfig, env: WorkerEnv, preemption: Preemption, subject
         if torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
         worker = Worker(job, env, preemption, device_for(env), owner_of(env))
+        if job.train.pack != 1:  # packed multi-subject training (training.packed_loop)
+            from training.packed_loop import resolve_pack, run_packed
+
+            num_slots = resolve_pack(job, worker.device)
+            if num_slots > 1:
+                return run_packed(worker, subjects, num_slots)
         return worker.run(subjects)
     if strategy in ("ddp", "deepspeed"):
         from training.dataparallel import run_data_parallel

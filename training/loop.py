@@ -184,13 +184,15 @@ def _adapter_states(c: Components, train_text_encoder: bool) -> dict[str, dict[s
     return states
 
 
-def _save_checkpoint(c, stepper, gen, step, work: Path, subject_uri: str, keep: int, train_te: bool, metrics: Path) -> None:
+def _save_checkpoint(c, stepper, gen, step, work: Path, subject_uri: str, keep: int, train_te: bool, metrics: Path,
+                     uploader: checkpoint.Uploader) -> None:
+    """Write the checkpoint locally (on the training path), then upload it in the background."""
     local = work / "checkpoint" / checkpoint.step_name(step)
     state = {"step": step, "stepper": stepper.state_dict(), "rng": checkpoint.rng_state(gen)}
     checkpoint.write_local(local, _adapter_states(c, train_te), state)
     if metrics.exists():
         (local / "metrics.jsonl").write_bytes(metrics.read_bytes())
-    checkpoint.publish(local, subject_uri, step, keep)
+    uploader.submit(local, subject_uri, step, keep)
 
 
 def train_subject(c: Components, job: JobConfig, subject: Subject, data: SubjectData, work: Path, subject_uri: str,
@@ -230,13 +232,16 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
         c.text_encoder.train()
     if t.gradient_checkpointing:
         c.unet.enable_gradient_checkpointing()
+    uploader = checkpoint.Uploader()
     pending: list[torch.Tensor] = []
     last_loss: float | None = None
     started = time.perf_counter()
     with open(metrics, "a") as metrics_file:
         while step < steps:
             if preemption.requested:
-                _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics)
+                _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics,
+                                 uploader)
+                uploader.wait()  # preempted: the checkpoint must be in the bucket before the process exits
                 return TrainResult(step, steps, last_loss, True, resumed_from)
             total = torch.zeros((), device=c.device)
             for _ in range(t.gradient_accumulation):
@@ -263,7 +268,9 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
                 on_step(step, steps, None)
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
                 metrics_file.flush()
-                _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics)
+                _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics,
+                                 uploader)
+    uploader.wait()  # the final publish happens after the last checkpoint upload
     if t.gradient_checkpointing:
         c.unet.disable_gradient_checkpointing()
     c.unet.eval()

@@ -3,7 +3,8 @@
 Each file is downloaded once per node: the ranks of a node take a file lock, the first one
 downloads, the others find the files verified and reuse them, and so do later jobs. A file is
 current when its size and ETag (or checksum) match the bucket's listing; a changed object is
-downloaded again. Downloads go to a temporary name and are renamed into place, so a killed
+downloaded again, and a fresh download is checked against its size and, for a single-part S3
+object, the MD5 its ETag carries. Downloads go to a temporary name and are renamed into place, so a killed
 worker never leaves a truncated file that looks staged.
 
 The cache directory: model.cache_dir, else $DREAMFLEET_CACHE_DIR, else ~/.cache/dreamfleet/models.
@@ -47,6 +48,22 @@ def remote_listing(source: str) -> dict[str, dict]:
             for path, info in found.items() if path.startswith(root)}
 
 
+def _check(path: Path, meta: dict) -> str | None:
+    """Why a downloaded file does not match the bucket's listing, or None. A single-part S3 ETag
+    is the object's MD5, so it is checked too; a multipart ETag ("...-N") is not a content hash."""
+    if path.stat().st_size != meta["size"]:
+        return f"is {path.stat().st_size} bytes, expected {meta['size']}"
+    etag = meta["id"]
+    if len(etag) == 32 and all(ch in "0123456789abcdef" for ch in etag.lower()):
+        digest = hashlib.md5(usedforsecurity=False)
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        if digest.hexdigest() != etag.lower():
+            return "does not match its ETag (MD5)"
+    return None
+
+
 def stage_model(source: str, cache_dir: str | None = None) -> Path:
     """A local directory mirroring `source`, downloading only what is missing or changed."""
     base = cache_root(cache_dir)
@@ -69,9 +86,10 @@ def stage_model(source: str, cache_dir: str | None = None) -> Path:
                 reused += 1
                 continue
             storage.download_file(storage.join(source, rel), target)
-            if target.stat().st_size != meta["size"]:
+            problem = _check(target, meta)
+            if problem:
                 target.unlink()
-                raise storage.StorageError(f"download of {storage.redact(storage.join(source, rel))} is incomplete")
+                raise storage.StorageError(f"download of {storage.redact(storage.join(source, rel))} {problem}")
             staged[rel] = meta
             stamp_path.parent.mkdir(parents=True, exist_ok=True)
             stamp_path.write_text(json.dumps(staged, sort_keys=True))  # after each file: progress survives a kill

@@ -129,11 +129,12 @@ def _pod_template(job: JobConfig, spec: dict) -> dict:
     return {"metadata": {"labels": labels(job)}, "spec": spec}
 
 
-def _failure_policy() -> dict:
-    """A user error fails the job at once; a preemption (disruption, or exit 75 after a
+def _failure_policy(per_index: bool = False) -> dict:
+    """A user error is not retried: it fails the job at once, or in a fleet only its own index
+    (one bad shard must not fail the others); a preemption (disruption, or exit 75 after a
     checkpoint) does not count against the retries."""
     return {"rules": [
-        {"action": "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [EXIT_USER_ERROR]}},
+        {"action": "FailIndex" if per_index else "FailJob", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [EXIT_USER_ERROR]}},
         {"action": "Ignore", "onExitCodes": {"containerName": "worker", "operator": "In", "values": [EXIT_PREEMPTED]}},
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
@@ -168,7 +169,7 @@ def indexed_job(job: JobConfig, plan: Plan) -> list[dict]:
         spec["maxFailedIndexes"] = completions
     else:
         spec["backoffLimit"] = k.backoff_limit
-    spec["podFailurePolicy"] = _failure_policy()
+    spec["podFailurePolicy"] = _failure_policy(per_index=fleet)
     meta = _meta(job, job.name)
     _kueue(job, meta, spec)
     out = [{"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": spec}]

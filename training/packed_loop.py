@@ -1,0 +1,268 @@
+"""Packed multi-subject training: K subjects in one forward/backward over one frozen UNet.
+
+Semantics match K independent `loop.train_subject` runs: each slot draws its batch from its
+own subject's generator in the same order as `loop.diffusion_loss`, the loss is the sum of the
+per-subject mean losses (so each slot's gradient is its own run's gradient), and each slot has
+its own optimizer, gradient clipping, LR schedule and step count. The optimizer of a slot
+works on views of the stacked parameters (one AdamW/AdamW8bit per slot over `param[slot]`),
+so its state is per subject slice. Continuous batching: a subject that finishes is exported
+and published, and the next waiting subject takes its slot, reset to the shared init.
+
+Not in packed mode: text-encoder adapters, LoHa/LoKr, fp16 GradScaler (bf16/fp32 only), and
+mid-run checkpoints (a preempted packed subject goes back to pending and restarts).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from launcher import ledger
+from launcher.config import JobConfig, Subject
+from launcher.errors import ConfigError, UserError
+from launcher.ledger import SubjectStatus
+from launcher.subjects import image_uris
+from training import adapters, packed
+from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
+from training.runner import Outcome, StatusKeeper, Worker, should_train
+
+log = logging.getLogger(__name__)
+
+
+def draw_batch(c, job: JobConfig, data: SubjectData, gen: torch.Generator):
+    """A subject's micro-batch, drawn in exactly the order of `loop.diffusion_loss` (world 1)."""
+    t = job.train
+    bs = t.batch_size
+    on = {"generator": gen, "device": gen.device}
+    latents = data.instance.sample(torch.randint(len(data.instance), (bs,), **on), gen)
+    emb = [data.instance_emb] * bs
+    if data.prior is not None:
+        latents = torch.cat([latents, data.prior.sample(torch.randint(len(data.prior), (bs,), **on), gen)])
+        emb += [data.class_emb] * bs
+    noise = torch.randn(latents.shape, **on)
+    if t.noise_offset:
+        noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)
+    timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), **on)
+    return latents, noise, timesteps, torch.cat(emb)
+
+
+@dataclass
+class Slot:
+    subject: Subject
+    steps: int
+    gen: torch.Generator
+    stepper: Stepper
+    views: list[torch.nn.Parameter]
+    has_prior: bool
+    data: SubjectData
+    step: int = 0
+    pending: list = field(default_factory=list)
+    last_loss: float | None = None
+    keeper: StatusKeeper | None = None
+    work: tempfile.TemporaryDirectory | None = None
+    metrics: object = None
+    started: float = 0.0
+
+
+class PackedTrainer:
+    """Holds the packed UNet and the slots; `step()` trains every occupied slot one step."""
+
+    def __init__(self, c, job: JobConfig, num_slots: int, init: dict[str, torch.Tensor]):
+        self.c, self.job, self.num_slots, self.init = c, job, num_slots, init
+        self.router, self.layers = packed.install(c.unet, num_slots)
+        self.params = packed.slot_parameters(self.layers)
+        self.slots: list[Slot | None] = [None] * num_slots
+
+    def open(self, slot: int, subject: Subject, data: SubjectData) -> Slot:
+        job = self.job
+        packed.reset_slot(self.layers, slot, self.init)
+        steps = subject.steps or job.train.steps
+        lr = subject.learning_rate or job.train.learning_rate
+        seed = subject_seed(job.train.seed, subject.id)
+        torch.manual_seed(seed)
+        gen = torch.Generator(self.c.device).manual_seed(seed)
+        views = [torch.nn.Parameter(p.data[slot]) for p in self.params]  # share storage with the stack
+        stepper = Stepper([{"params": views, "lr": lr}], job, self.c.device, steps)
+        if stepper.scaler is not None:
+            raise ConfigError("train.pack > 1 needs bf16 or fp32 (train.mixed_precision), not fp16")
+        s = Slot(subject, steps, gen, stepper, views, data.prior is not None, data)
+        self.slots[slot] = s
+        return s
+
+    def step(self) -> list[int]:
+        """One optimizer step for every occupied slot; returns the slots that finished."""
+        c, t = self.c, self.job.train
+        live = [i for i, s in enumerate(self.slots) if s is not None]
+        totals = {i: torch.zeros((), device=c.device) for i in live}
+        for _ in range(t.gradient_accumulation):
+            parts = [draw_batch(c, self.job, self.slots[i].data, self.slots[i].gen) for i in live]
+            rows = [p[0].shape[0] for p in parts]
+            latents, noise, timesteps, emb = (torch.cat([p[k] for p in parts]) for k in range(4))
+            self.router.index = torch.repeat_interleave(torch.tensor(live), torch.tensor(rows)).to(c.device)
+            noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+            with self.slots[live[0]].stepper.autocast():
+                pred = c.unet(noisy, timesteps, encoder_hidden_states=emb.to(c.device)).sample
+            if c.prediction_type == "v_prediction":
+                target = c.noise_scheduler.get_velocity(latents, noise, timesteps)
+            else:
+                target = noise
+            pred = pred.float()
+            total = torch.zeros((), device=c.device)
+            for i, p_i, t_i in zip(live, pred.split(rows), target.split(rows)):  # per-subject means
+                if self.slots[i].has_prior:
+                    (pi, pp), (ti, tp) = p_i.chunk(2), t_i.chunk(2)
+                    loss = F.mse_loss(pi, ti) + self.job.prior.loss_weight * F.mse_loss(pp, tp)
+                else:
+                    loss = F.mse_loss(p_i, t_i)
+                loss = loss / t.gradient_accumulation
+                totals[i] += loss.detach()
+                total = total + loss
+            total.backward()  # the sum of per-subject means: each slot gets its own run's gradient
+        finished = []
+        for i in live:
+            s = self.slots[i]
+            for view, p in zip(s.views, self.params):
+                view.grad = p.grad[i] if p.grad is not None else None
+            lr_now = s.stepper.lr
+            norm = s.stepper.step()  # per-subject clipping, optimizer and schedule
+            s.step += 1
+            s.pending.append((torch.stack([totals[i], norm]), lr_now))
+            if s.step >= s.steps:
+                finished.append(i)
+        for p in self.params:
+            p.grad = None
+        return finished
+
+    def close(self) -> None:
+        packed.uninstall(self.c.unet, self.layers)
+
+
+def resolve_pack(job: JobConfig, device: torch.device) -> int:
+    if job.train.pack == "auto":
+        rows = job.train.batch_size * (2 if job.prior.enabled else 1)
+        return packed.auto_pack(device, job.train.resolution, rows)
+    return int(job.train.pack)
+
+
+def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[Outcome]:
+    """The worker's subjects, `num_slots` at a time, with continuous batching."""
+    job = worker.job
+    packed.check_supported(job.adapter)
+    class_images = worker.setup(subjects)
+    c = worker.c
+    trainer = PackedTrainer(c, job, num_slots, worker.init_state["unet"])
+    c.unet.train()
+    if job.train.gradient_checkpointing:
+        c.unet.enable_gradient_checkpointing()
+    queue = list(subjects)
+    outcomes: list[Outcome] = []
+    try:
+        while True:
+            for slot in range(num_slots):
+                while trainer.slots[slot] is None and queue and not worker.preemption.requested:
+                    _admit(worker, trainer, slot, queue.pop(0), class_images, outcomes)
+            if all(s is None for s in trainer.slots):
+                break
+            if worker.preemption.requested:
+                for i, s in enumerate(trainer.slots):
+                    if s is not None:
+                        s.keeper.update(state="pending", step=s.step, error="preempted; packed runs restart")
+                        _close_slot(trainer, i)
+                        outcomes.append(Outcome(s.subject.id, "preempted", f"stopped at step {s.step}"))
+                outcomes += [Outcome(s.id, "preempted", "not started") for s in queue]
+                break
+            finished = trainer.step()
+            for i, s in enumerate(trainer.slots):
+                if s is not None:
+                    _log(s, job)
+            for i in finished:
+                _finish(worker, trainer, i, outcomes)
+    finally:
+        if job.train.gradient_checkpointing:
+            c.unet.disable_gradient_checkpointing()
+        trainer.close()
+        c.unet.eval()
+    return outcomes
+
+
+def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
+    job = worker.job
+    status = ledger.read_status(worker.job_uri, subject.id)
+    go, why = should_train(status, job, worker.owner)
+    if not go:
+        outcomes.append(Outcome(subject.id, status.state if status else "pending", why))
+        return
+    log.info("subject %s: training in packed slot %d (%s)", subject.id, slot, why)
+    status = status or SubjectStatus(id=subject.id)
+    steps = subject.steps or job.train.steps
+    history = status.history + [{"attempt": status.attempts + 1, "worker": worker.owner, "at": time.time()}]
+    keeper = StatusKeeper(worker.job_uri, status, job.output.heartbeat_s)
+    keeper.update(state="running", attempts=status.attempts + 1, worker=worker.owner, error=None,
+                  started_at=time.time(), steps=steps, history=history)
+    keeper.__enter__()
+    try:
+        data = prepare_subject(worker.c, job, subject, image_uris(subject), class_images.get(subject.class_prompt),
+                               False)
+        s = trainer.open(slot, subject, data)
+    except (UserError, ValueError, RuntimeError, OSError) as exc:
+        keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+        keeper.__exit__(None, None, None)
+        outcomes.append(Outcome(subject.id, "failed", str(exc)))
+        if isinstance(exc, ConfigError):
+            raise
+        return
+    s.keeper, s.work, s.started = keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-"), time.perf_counter()
+    s.metrics = open(Path(s.work.name) / "metrics.jsonl", "w")
+
+
+def _log(s: Slot, job: JobConfig) -> None:
+    s.keeper.status.step = s.step
+    if s.step % job.train.log_every and s.step != s.steps:
+        return
+    values = torch.stack([v for v, _ in s.pending]).cpu().tolist()  # the one host sync per log interval
+    s.last_loss = values[-1][0]
+    line = {"step": s.step, "loss": round(sum(v[0] for v in values) / len(values), 6),
+            "last_loss": round(s.last_loss, 6), "grad_norm": round(values[-1][1], 6), "lr": s.pending[-1][1],
+            "elapsed_s": round(time.perf_counter() - s.started, 3)}
+    s.pending.clear()
+    s.metrics.write(json.dumps(line) + "\n")
+    s.metrics.flush()
+
+
+def _close_slot(trainer: PackedTrainer, i: int) -> None:
+    s = trainer.slots[i]
+    trainer.slots[i] = None
+    s.metrics.close()
+    s.keeper.__exit__(None, None, None)
+    s.work.cleanup()
+
+
+def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outcome]) -> None:
+    """Export the slot as a single run would: swap the PEFT layers back, load the slice, publish."""
+    s, c = trainer.slots[i], worker.c
+    try:
+        packed.uninstall(c.unet, trainer.layers)
+        try:
+            adapters.load_adapter_state_dict(c.unet, packed.slot_state_dict(trainer.layers, i))
+            c.unet.eval()
+            worker.publish(s.subject, Path(s.work.name), s.steps)
+        finally:
+            c.unet.train()
+            for name, layer in trainer.layers.items():
+                packed._set_submodule(c.unet, name, layer)
+        s.keeper.update(state="done", step=s.step, final_loss=s.last_loss, finished_at=time.time())
+        outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.last_loss))
+    except (UserError, ValueError, RuntimeError, OSError) as exc:
+        log.error("subject %s failed: %s\n%s", s.subject.id, exc, traceback.format_exc())
+        s.keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+        outcomes.append(Outcome(s.subject.id, "failed", str(exc)))
+    finally:
+        _close_slot(trainer, i)
