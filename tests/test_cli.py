@@ -44,8 +44,10 @@ def test_local_submit_trains_and_status_reports(make_job, tmp_path):
     assert "exit 0" in proc.stdout and "s0" in proc.stdout and "done" in proc.stdout
     proc = run_cli("status", str(tmp_path / "out" / "t"), "--json")
     assert proc.returncode == 0, proc.stderr
-    states = {s["id"]: s["state"] for s in json.loads(proc.stdout)}
+    report = json.loads(proc.stdout)
+    states = {s["id"]: s["state"] for s in report["subjects"]}
     assert states == {"s0": "done", "s1": "done"}
+    assert report["summary"]["counts"]["done"] == 2
 
 
 @pytest.mark.slow
