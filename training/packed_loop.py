@@ -198,7 +198,7 @@ def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
     status = ledger.read_status(worker.job_uri, subject.id)
     go, why = should_train(status, job, worker.owner)
     if not go:
-        outcomes.append(Outcome(subject.id, status.state if status else "pending", why))
+        outcomes.append(Outcome(subject.id, "skipped", why))  # as runner: the exit code reflects this run
         return
     log.info("subject %s: training in packed slot %d (%s)", subject.id, slot, why)
     status = status or SubjectStatus(id=subject.id)

@@ -8,9 +8,11 @@ and `cancel` where the scheduler has them.
 from __future__ import annotations
 
 import importlib
+import shutil
+import subprocess
 from types import ModuleType
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, UserError
 
 BACKENDS = ("local", "slurm", "kubernetes")
 
@@ -19,3 +21,14 @@ def get_backend(name: str) -> ModuleType:
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return importlib.import_module(f"launcher.backends.{name}")
+
+
+def run_tool(cmd: list[str], what: str, missing: str) -> str:
+    """Run a scheduler client (sbatch, squeue, kubectl, ...); its stdout, or a UserError
+    carrying its own message. `missing` says what to do when the program is not installed."""
+    if shutil.which(cmd[0]) is None:
+        raise UserError(f"{cmd[0]} is not on PATH: {missing}")
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise UserError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout

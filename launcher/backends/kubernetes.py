@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from launcher.backends import run_tool
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.errors import UserError
 from launcher.plan import make_plan
@@ -52,12 +53,7 @@ def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]
 
 
 def _kubectl(args: list[str], what: str) -> str:
-    if shutil.which("kubectl") is None:
-        raise UserError("kubectl is not on PATH; apply the rendered directory from where it is: kubectl apply -k DIR")
-    proc = subprocess.run(["kubectl", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise UserError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout
+    return run_tool(["kubectl", *args], what, "apply the rendered directory from where it is: kubectl apply -k DIR")
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:

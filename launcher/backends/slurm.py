@@ -6,10 +6,9 @@ names the resolved job file by its absolute path there.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
+from launcher.backends import run_tool
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.errors import UserError
 from launcher.plan import make_plan
@@ -28,12 +27,7 @@ def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]
 
 
 def _run(cmd: list[str], what: str) -> str:
-    if shutil.which(cmd[0]) is None:
-        raise UserError(f"{cmd[0]} is not on PATH: run this on a Slurm login node (or set SLURM_CONF for a test cluster)")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        raise UserError(f"{what} failed: {(proc.stderr or proc.stdout).strip()}")
-    return proc.stdout
+    return run_tool(cmd, what, "run this on a Slurm login node (or set SLURM_CONF for a test cluster)")
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
