@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -119,7 +118,12 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     if errors:
         raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)
     out = out or Path(".dreamfleet") / job.name / name
-    result = get_backend(name).submit(job, subjects, out, dry_run=dry_run)
+    plan = None
+    if inputs or skip_invalid:  # weigh images and keep an earlier submit's placements (plan.json)
+        from launcher.backends import gather_shard_plan
+
+        plan = gather_shard_plan(job, subjects)
+    result = get_backend(name).submit(job, subjects, out, dry_run=dry_run, shard_plan=plan)
     typer.echo(result)
     if name == "local" and not dry_run:
         _print_status_table(job.job_uri)

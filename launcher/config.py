@@ -378,7 +378,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | None:
     """The section class addressed by a pydantic error location (for listing valid keys)."""
-    from typing import get_args, get_origin
+    from typing import get_args
 
     cls: Any = root or JobConfig
     for part in loc:

@@ -1,17 +1,28 @@
 """The output layout and the per-subject status ledger.
 
     <output>/<job>/job.yaml
-    <output>/<job>/subjects/<id>/status.json      state, step, attempts, error, heartbeat
+    <output>/<job>/subjects/<id>/status.json      state, step, attempts, error, heartbeat, lease
+    <output>/<job>/subjects/<id>/claims/<seq>.json who took lease <seq> on the subject, and when
     <output>/<job>/subjects/<id>/adapter/ ...     (see DESIGN.md, "The output contract")
 
 `status.json` is the source of truth for `launcher status` and for skipping finished work.
+
+Claims: a worker that decides to train a subject first creates `claims/<n+1>.json`, n being the
+latest claim it saw, with an exclusive create (storage.create_exclusive). At most one worker
+creates each claim, so two workers that both saw a subject as free, or both saw the same stale
+run, cannot both go on: the second finds the claim taken and skips. The claim is a fencing
+token: a worker writes status and publishes only while its claim is still the latest, so a
+worker that was wrongly judged dead (a long pause) finds itself superseded and stops instead of
+overwriting its successor.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -46,6 +57,7 @@ class SubjectStatus:
     finished_at: float | None = None
     heartbeat_at: float | None = None
     final_loss: float | None = None
+    lease: int = 0
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -78,3 +90,47 @@ def list_statuses(job_uri: str) -> list[SubjectStatus]:
         if status is not None:
             out.append(status)
     return out
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def claims_uri(job_uri: str, subject_id: str) -> str:
+    return storage.join(subject_uri(job_uri, subject_id), "claims")
+
+
+@dataclass(frozen=True)
+class Claim:
+    seq: int
+    owner: str
+    at: float
+
+
+def latest_claim(claims: str) -> Claim | None:
+    """The highest-numbered claim in a claims folder (a subject's, or a prior set's lock)."""
+    seqs = [int(n[:-5]) for n in storage.list_names(claims) if n.endswith(".json") and n[:-5].isdigit()]
+    if not seqs:
+        return None
+    seq = max(seqs)
+    data = storage.read_json(storage.join(claims, f"{seq:06d}.json")) or {}
+    return Claim(seq, data.get("owner", "?"), float(data.get("at", 0)))
+
+
+def try_claim(claims: str, seq: int, owner: str) -> Claim | None:
+    """Create claim `seq`; the Claim if this call created it, None if another worker has it."""
+    at = time.time()
+    body = json.dumps({"owner": owner, "at": at, "nonce": uuid.uuid4().hex}, sort_keys=True).encode()
+    created = storage.create_exclusive(storage.join(claims, f"{seq:06d}.json"), body)
+    return Claim(seq, owner, at) if created else None
+
+
+def refresh_claim(claims: str, claim: Claim) -> None:
+    """The holder's heartbeat on a claim (only the holder ever writes its own claim file)."""
+    body = {"owner": claim.owner, "at": time.time(), "nonce": uuid.uuid4().hex}
+    storage.write_json(storage.join(claims, f"{claim.seq:06d}.json"), body)
+
+
+def holds(claims: str, claim: Claim) -> bool:
+    """Whether `claim` is still the latest (nobody took over)."""
+    latest = latest_claim(claims)
+    return latest is not None and latest.seq == claim.seq and latest.owner == claim.owner

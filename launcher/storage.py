@@ -148,6 +148,42 @@ def write_bytes(uri: str, data: bytes) -> None:
     call(uri, "write", lambda: fs.pipe_file(path, data))
 
 
+def create_exclusive(uri: str, data: bytes) -> bool:
+    """Write one object only if nothing is there yet; True if this call created it.
+
+    The arbiter of the claim protocol (launcher.ledger), so it must be atomic: a hard link of a
+    complete temporary file on a local or shared POSIX filesystem, a conditional PUT
+    (If-None-Match: *) on S3. Other fsspec stores fall back to check-then-write, which is not
+    atomic (docs/storage.md). A PUT retried after a lost response finds its own bytes there:
+    that counts as created."""
+    if is_local(uri):
+        path = local_path(uri)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+        tmp.write_bytes(data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink()
+    fs, path = _fs(uri)
+
+    def put() -> bool:
+        try:
+            fs.pipe_file(path, data, mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            if "PreconditionFailed" in str(exc) or "412" in str(exc):
+                return False
+            raise
+
+    return call(uri, "create", put) or read_bytes(uri) == data
+
+
 def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
 

@@ -69,6 +69,31 @@ def subject_entry(root: Path, i: int, **extra) -> dict:
             "class_prompt": "a photo of a thing", **extra}
 
 
+FLEET_BAD = {"f03": "truncated", "f11": "empty", "f17": "not an image"}
+
+
+@pytest.fixture(scope="session")
+def fleet_subjects(tmp_path_factory) -> list[dict]:
+    """Twenty subjects of two classes (dogs and cats), three of them bad (FLEET_BAD)."""
+    from training.tiny import write_subject_images
+
+    root = tmp_path_factory.mktemp("fleet")
+    entries = []
+    for i in range(20):
+        sid = f"f{i:02d}"
+        folder = write_subject_images(root / sid, i, count=2 + i % 3, size=40)
+        kind = ("dog", "cat")[i % 2]
+        entries.append({"id": sid, "images": str(folder), "instance_prompt": f"a photo of sks{i} {kind}",
+                        "class_prompt": f"a photo of a {kind}"})
+    first = root / "f03" / "000.png"
+    first.write_bytes(first.read_bytes()[:60])
+    for p in (root / "f11").iterdir():
+        p.unlink()
+    for p in (root / "f17").iterdir():
+        p.write_bytes(b"this is not a png")
+    return entries
+
+
 def job_dict(model: Path, subjects: list[dict], output_uri: Path | str, name: str = "t", **sections) -> dict:
     """A small, fast job: rank 4 LoRA, 4 steps at 32 px, fp32 AdamW, no samples."""
     job = {

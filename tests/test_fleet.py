@@ -1,59 +1,95 @@
-"""A small fleet through the local backend with two processes: bad subjects are recorded as
-failed with their reason, the rest get adapters; status counts and report.html (rendered in
-headless Chromium, screenshot kept under test-artifacts/) show every subject; retry-failed."""
+"""Fleets through the local backend with two processes.
+
+Twenty subjects of two classes, three with bad images: the bad ones are recorded as failed with
+their reason, every other one gets an adapter, class images are generated once per class
+although both ranks need both classes (the prior lock), status and report.html (rendered in
+headless Chromium, screenshot kept under test-artifacts/) show every subject; retry-failed.
+
+A fleet whose workers are killed outright (SIGKILL, no chance to checkpoint) and resubmitted:
+every subject ends with one adapter, published once (ledger history and artifact times)."""
 
 from __future__ import annotations
 
 import json
-import shutil
+import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, job_dict, require_binary, run_cli, subject_entry, write_job
-from training.tiny import write_subject_images
+from conftest import FLEET_BAD, REPO, job_dict, require_binary, run_cli, worker_env, write_job
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
+PRIOR = {"enabled": True, "num_class_images": 2, "sample_steps": 1}
 
 
-def test_fleet_with_bad_subjects_status_report_and_retry(tmp_path, tiny_model):
-    root = tmp_path / "subjects"
-    for i in range(6):
-        write_subject_images(root / f"subject-{i}", i, count=2, size=40)
-    data = (root / "subject-4" / "000.png").read_bytes()
-    (root / "subject-4" / "000.png").write_bytes(data[:50])  # truncated
-    shutil.rmtree(root / "subject-5")
-    (root / "subject-5").mkdir()  # empty
-    subjects = [subject_entry(root, i) for i in range(6)]
+def process_tree(pid: int) -> list[int]:
+    """pid and every process below it (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    return tree
+
+
+def statuses(job_uri: Path) -> dict[str, dict]:
+    root = job_uri / "subjects"
+    return {p.name: json.loads((p / "status.json").read_text()) for p in root.iterdir() if (p / "status.json").exists()}
+
+
+def test_fleet_of_twenty_with_bad_subjects_shared_priors_status_report_and_retry(tmp_path, tiny_model, fleet_subjects):
     job = write_job(tmp_path / "fleet.yaml", job_dict(
-        tiny_model, subjects, tmp_path / "out", name="fleet",
+        tiny_model, fleet_subjects, tmp_path / "out", name="fleet", prior=PRIOR,
         train={"steps": 2, "samples": {"enabled": True, "num_inference_steps": 1}},
         distributed={"nproc_per_node": 2}))
     started = time.time()
     proc = run_cli("submit", str(job), "--backend", "local", "--skip-invalid", "--out", str(tmp_path / "r"))
     wall = time.time() - started
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "skipping subject s4" in proc.stderr and "skipping subject s5" in proc.stderr
+    assert all(f"skipping subject {sid}" in proc.stderr for sid in FLEET_BAD)
+    plan = json.loads((tmp_path / "r" / "plan.json").read_text())
+    assert plan["num_shards"] == 1 and len(plan["subjects"]) == 20
 
-    status = run_cli("status", str(tmp_path / "out" / "fleet"), "--json")
-    summary = json.loads(status.stdout)["summary"]
-    assert summary["counts"] == {"pending": 0, "running": 0, "done": 4, "failed": 2}
+    out = tmp_path / "out" / "fleet"
+    summary = json.loads(run_cli("status", str(out), "--json").stdout)["summary"]
+    assert summary["counts"] == {"pending": 0, "running": 0, "done": 17, "failed": 3}
     errors = {f["id"]: f["error"] for f in summary["failures"]}
-    assert "000.png cannot be decoded" in errors["s4"] and "holds no images" in errors["s5"]
-    assert summary["subjects_per_hour"] > 0
-    print(f"\nfleet: 4 subjects trained in {wall:.1f}s wall ({4 / wall * 3600:.0f} subjects/hour with start-up)")
+    assert "000.png cannot be decoded" in errors["f03"] and "holds no images" in errors["f11"]
+    assert "is not an image" in errors["f17"]
+    for sid, status in statuses(out).items():
+        if sid not in FLEET_BAD:
+            assert (out / "subjects" / sid / "pytorch_lora_weights.safetensors").exists()
+            assert status["attempts"] == 1 and status["lease"] == 1
+    # both ranks needed both classes; each set was generated once, by whichever rank took its lock
+    assert proc.stderr.count("generating 2 class images for") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("waiting for ") + proc.stderr.count("reusing 2 class images") >= 2
+    sets = [p for p in (out / "priors").iterdir() if p.is_dir() and not p.name.endswith(".claims")]
+    assert len(sets) == 2 and all(len(list(s.glob("*.png"))) == 2 for s in sets)
+    rate = 17 / wall * 3600
+    print(f"\nfleet: 17 of 20 subjects trained in {wall:.1f}s wall, {rate:.0f} subjects/hour with start-up "
+          f"(ledger: {summary['subjects_per_hour']:.0f}/hour)")
 
     text = run_cli("status", str(job)).stdout
-    assert "6 subjects: pending 0, running 0, done 4, failed 2" in text
+    assert "20 subjects: pending 0, running 0, done 17, failed 3" in text
 
     report = tmp_path / "report.html"
     assert run_cli("report", str(job), "--out", str(report)).returncode == 0
     page = report.read_text()
-    assert all(f"id='subject-s{i}'" in page for i in range(6)) and page.count("<svg") == 4
-    assert page.count("data:image/png;base64,") == 4
+    assert all(f"id='subject-{e['id']}'" in page for e in fleet_subjects) and page.count("<svg") == 17
+    assert page.count("data:image/png;base64,") == 17
 
     require_binary("chromium")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -61,12 +97,67 @@ def test_fleet_with_bad_subjects_status_report_and_retry(tmp_path, tiny_model):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}"]
     dom = subprocess.run(["chromium", *flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
-    assert all(f'id="subject-s{i}"' in dom.stdout for i in range(6)), dom.stderr[-2000:]
-    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1280,1600", report.as_uri()],
+    assert all(f'id="subject-{e["id"]}"' in dom.stdout for e in fleet_subjects), dom.stderr[-2000:]
+    subprocess.run(["chromium", *flags, f"--screenshot={shot}", "--window-size=1280,4000", report.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
 
     retried = run_cli("retry-failed", str(job))
-    assert "reset 2 failed subject(s): s4, s5" in retried.stdout
+    assert "reset 3 failed subject(s): f03, f11, f17" in retried.stdout
     states = json.loads(run_cli("status", str(job), "--json").stdout)["summary"]["counts"]
-    assert states["pending"] == 2 and states["failed"] == 0
+    assert states["pending"] == 3 and states["failed"] == 0
+
+
+def test_killed_fleet_resubmitted_publishes_every_subject_exactly_once(tmp_path, tiny_model, fleet_subjects):
+    good = [e for e in fleet_subjects if e["id"] not in FLEET_BAD][:8]
+    stale_after = 4
+    job = write_job(tmp_path / "kill.yaml", job_dict(
+        tiny_model, good, tmp_path / "out", name="kill", train={"steps": 40, "log_every": 10},
+        output={"heartbeat_s": 1, "stale_after_s": stale_after}, distributed={"nproc_per_node": 2}))
+    out = tmp_path / "out" / "kill"
+    first = subprocess.Popen([sys.executable, "-m", "launcher.cli", "submit", str(job), "--backend", "local",
+                              "--out", str(tmp_path / "r")], env=worker_env(), cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=open(tmp_path / "first.log", "w"))
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            states = [s["state"] for s in statuses(out).values()] if (out / "subjects").exists() else []
+            if states.count("done") >= 2 and "running" in states:
+                break
+            if first.poll() is not None:
+                pytest.fail("the fleet ended before it could be killed:\n" + (tmp_path / "first.log").read_text()[-3000:])
+            time.sleep(0.1)
+        else:
+            pytest.fail("the fleet never got going:\n" + (tmp_path / "first.log").read_text()[-3000:])
+    finally:
+        for pid in process_tree(first.pid):  # the launcher, torchrun and both workers, mid-subject
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        first.wait(timeout=60)
+    killed_at = time.time()
+    before = statuses(out)
+    done_before = {sid for sid, s in before.items() if s["state"] == "done"}
+    interrupted = {sid for sid, s in before.items() if s["state"] == "running"}
+    assert len(done_before) >= 2 and interrupted
+    manifest_times = {sid: (out / "subjects" / sid / "MANIFEST.json").stat().st_mtime_ns for sid in done_before}
+
+    time.sleep(stale_after + 1)  # the dead workers' heartbeats go stale
+    second = run_cli("submit", str(job), "--backend", "local", "--out", str(tmp_path / "r"))
+    assert second.returncode == 0, second.stderr[-4000:]
+    after = statuses(out)
+    assert {sid: s["state"] for sid, s in after.items()} == {e["id"]: "done" for e in good}
+    for sid, status in after.items():
+        manifest = out / "subjects" / sid / "MANIFEST.json"
+        assert (out / "subjects" / sid / "pytorch_lora_weights.safetensors").exists()
+        if sid in done_before:  # finished before the kill: skipped, never republished
+            assert manifest.stat().st_mtime_ns == manifest_times[sid]
+            assert status["attempts"] == 1 and len(status["history"]) == 1
+            assert f"subject {sid}: skipped (already done)" in second.stderr
+        else:  # published once, by the second submit
+            assert manifest.stat().st_mtime > killed_at and status["finished_at"] > killed_at
+        if sid in interrupted:  # taken over from the dead worker under a new claim
+            assert status["attempts"] == 2 and status["lease"] == 2
+            assert "taking over a stale run" in second.stderr
+            assert [h["lease"] for h in status["history"]] == [1, 2]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import job_dict, run_cli, run_worker, subject_entry, write_job
+from conftest import FLEET_BAD, job_dict, run_cli, run_worker, subject_entry, write_job
 from slurm_cluster import wait_for_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -64,16 +64,26 @@ def test_two_node_zero2_job_trains_and_keeps_hostile_prompts_as_data(slurm_clust
     print(f"\n2-node sbatch-to-adapter: {time.time() - started:.1f}s\n--- log tail ---\n" + "\n".join(text.splitlines()[-12:]))
 
 
-def test_array_job_trains_every_shard(slurm_cluster, tmp_path, tiny_model, subjects_root):
-    subjects = [subject_entry(subjects_root, i) for i in range(4)]
-    job = slurm_job(tmp_path, tiny_model, subjects, cluster={"shards": 4})
-    rendered = run_cli("render", str(job), "--backend", "slurm", "--out", str(tmp_path / "r"))
-    assert "#SBATCH --array=0-3" in (tmp_path / "r" / "job.sbatch").read_text(), rendered.stderr
-    job_id = submit(job, slurm_cluster, tmp_path)
-    wait_for_job(job_id, slurm_cluster, 420)
-    assert states(tmp_path) == {f"s{i}": "done" for i in range(4)}, logs(tmp_path)[-4000:]
+def test_twenty_subject_fleet_as_an_array_job(slurm_cluster, tmp_path, tiny_model, fleet_subjects):
+    job = slurm_job(tmp_path, tiny_model, fleet_subjects, cluster={"shards": 4})
+    proc = run_cli("submit", str(job), "--backend", "slurm", "--skip-invalid", "--out", str(tmp_path / "rendered"),
+                   env=slurm_cluster)
+    assert proc.returncode == 0, proc.stderr
+    assert "#SBATCH --array=0-3" in (tmp_path / "rendered" / "job.sbatch").read_text()
+    plan = json.loads((tmp_path / "rendered" / "plan.json").read_text())
+    assert max(plan["shard_work"]) - min(plan["shard_work"]) <= max(s["work"] for s in plan["subjects"].values())
+    started = time.time()
+    wait_for_job(proc.stdout.strip().splitlines()[-1], slurm_cluster, 600)
+    wall = time.time() - started
     text = logs(tmp_path)
-    assert sum(f"shard {i}/4" in text for i in range(4)) == 4
+    expected = {e["id"]: "failed" if e["id"] in FLEET_BAD else "done" for e in fleet_subjects}
+    assert states(tmp_path) == expected, text[-4000:]
+    # every shard ran as its own array task and trained exactly the subjects the plan gave it
+    for shard in range(4):
+        mine = sorted(sid for sid, s in plan["subjects"].items() if s["shard"] == shard)
+        listed = next(line for line in text.splitlines() if f"shard {shard}/4, rank 0/1" in line)
+        assert listed.endswith(", ".join(mine)), listed
+    print(f"\nSlurm array of 4 shards: 17 of 20 subjects in {wall:.0f}s ({17 / wall * 3600:.0f} subjects/hour)")
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, tiny_model, subjects_root):

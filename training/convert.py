@@ -14,7 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 

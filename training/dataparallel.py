@@ -37,14 +37,13 @@ from launcher import ledger, storage
 from launcher.config import JobConfig, Subject
 from launcher.deepspeed import deepspeed_config
 from launcher.errors import ConfigError, UserError
-from launcher.ledger import SubjectStatus
 from launcher.subjects import image_uris
-from training import adapters, checkpoint
-from training.components import Components, load_components
+from training import adapters, checkpoint, lease
+from training.components import Components
 from training.env import Preemption, WorkerEnv
 from training.loop import diffusion_loss, prepare_subject, subject_seed
 from training.optim import build_lr_scheduler, build_optimizer
-from training.runner import Outcome, StatusKeeper, Worker, should_train
+from training.runner import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
@@ -134,31 +133,23 @@ def run_data_parallel(job: JobConfig, env: WorkerEnv, preemption: Preemption, su
 
 
 def _run_subject(job, env, preemption, worker: Worker, accelerator, subject: Subject, class_images) -> Outcome:
-    main = env.is_main
-    status = ledger.read_status(worker.job_uri, subject.id) if main else None
-    go, why = _broadcast(should_train(status, job, worker.owner) if main else None)
+    keeper, why = lease.begin(job, subject, worker.owner) if env.is_main else (None, None)
+    go, why = _broadcast((keeper is not None, why) if env.is_main else None)
     if not go:
         log.info("subject %s: skipped (%s)", subject.id, why)
         return Outcome(subject.id, "skipped", why)
     steps = subject.steps or job.train.steps
-    keeper = None
-    if main:
-        status = status or SubjectStatus(id=subject.id)
-        keeper = StatusKeeper(worker.job_uri, status, job.output.heartbeat_s)
-        keeper.update(state="running", attempts=status.attempts + 1, worker=worker.owner, error=None,
-                      started_at=time.time(), steps=steps, history=status.history + [{"worker": worker.owner, "at": time.time()}])
-        keeper.__enter__()
     try:
         result = _train(job, env, preemption, worker, accelerator, subject, class_images, steps, keeper)
     except (UserError, ValueError, RuntimeError, OSError) as exc:
         log.error("subject %s failed: %s", subject.id, exc)
         if keeper:
-            keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+            keeper.fail(exc)
         return Outcome(subject.id, "failed", str(exc))
     finally:
         accelerator.free_memory()
         if keeper:
-            keeper.__exit__(None, None, None)
+            keeper.stop()
     return result
 
 
@@ -239,6 +230,8 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
     worker.progress.end_subject()
     state = _gathered_adapter(job, accelerator.unwrap_model(model))
     final_loss = float(last.item())
+    if not _broadcast(keeper.held() if env.is_main else None):
+        return Outcome(subject.id, "skipped", "taken over by another worker; not published")
     if env.is_main:
         _publish(job, worker, subject, state, steps)
         keeper.update(state="done", step=steps, final_loss=final_loss, finished_at=time.time())

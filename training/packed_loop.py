@@ -25,14 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from launcher import ledger
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError, UserError
-from launcher.ledger import SubjectStatus
 from launcher.subjects import image_uris
-from training import adapters, packed
+from training import adapters, lease, packed
 from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
-from training.runner import Outcome, StatusKeeper, Worker, should_train
+from training.lease import StatusKeeper
+from training.runner import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
@@ -195,26 +194,18 @@ def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[
 
 def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
     job = worker.job
-    status = ledger.read_status(worker.job_uri, subject.id)
-    go, why = should_train(status, job, worker.owner)
-    if not go:
+    keeper, why = lease.begin(job, subject, worker.owner)
+    if keeper is None:
         outcomes.append(Outcome(subject.id, "skipped", why))  # as runner: the exit code reflects this run
         return
     log.info("subject %s: training in packed slot %d (%s)", subject.id, slot, why)
-    status = status or SubjectStatus(id=subject.id)
-    steps = subject.steps or job.train.steps
-    history = status.history + [{"attempt": status.attempts + 1, "worker": worker.owner, "at": time.time()}]
-    keeper = StatusKeeper(worker.job_uri, status, job.output.heartbeat_s)
-    keeper.update(state="running", attempts=status.attempts + 1, worker=worker.owner, error=None,
-                  started_at=time.time(), steps=steps, history=history)
-    keeper.__enter__()
     try:
         data = prepare_subject(worker.c, job, subject, image_uris(subject), class_images.get(subject.class_prompt),
                                False)
         s = trainer.open(slot, subject, data)
     except (UserError, ValueError, RuntimeError, OSError) as exc:
-        keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
-        keeper.__exit__(None, None, None)
+        keeper.fail(exc)
+        keeper.stop()
         outcomes.append(Outcome(subject.id, "failed", str(exc)))
         if isinstance(exc, ConfigError):
             raise
@@ -241,13 +232,17 @@ def _close_slot(trainer: PackedTrainer, i: int) -> None:
     s = trainer.slots[i]
     trainer.slots[i] = None
     s.metrics.close()
-    s.keeper.__exit__(None, None, None)
+    s.keeper.stop()
     s.work.cleanup()
 
 
 def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outcome]) -> None:
     """Export the slot as a single run would: swap the PEFT layers back, load the slice, publish."""
     s, c = trainer.slots[i], worker.c
+    if not s.keeper.held():
+        outcomes.append(Outcome(s.subject.id, "skipped", "taken over by another worker; not published"))
+        _close_slot(trainer, i)
+        return
     try:
         packed.uninstall(c.unet, trainer.layers)
         try:
@@ -262,7 +257,7 @@ def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outco
         outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.last_loss))
     except (UserError, ValueError, RuntimeError, OSError) as exc:
         log.error("subject %s failed: %s\n%s", s.subject.id, exc, traceback.format_exc())
-        s.keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+        s.keeper.fail(exc)
         outcomes.append(Outcome(s.subject.id, "failed", str(exc)))
     finally:
         _close_slot(trainer, i)

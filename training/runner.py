@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import tempfile
-import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -17,9 +16,8 @@ import torch
 from launcher import ledger, storage
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.errors import UserError
-from launcher.ledger import SubjectStatus
 from launcher.subjects import image_uris
-from training import adapters, export, priors
+from training import adapters, export, lease, priors
 from training.components import Components, load_components
 from training.env import Preemption, WorkerEnv
 from training.loop import prepare_subject, subject_seed, train_subject
@@ -27,54 +25,6 @@ from training.progress import Progress
 from training.sampling import write_samples
 
 log = logging.getLogger(__name__)
-
-
-class StatusKeeper:
-    """Writes a subject's status.json, and refreshes its heartbeat from a background thread."""
-
-    def __init__(self, job_uri: str, status: SubjectStatus, every_s: float):
-        self.job_uri, self.status, self.every_s = job_uri, status, every_s
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{status.id}")
-
-    def update(self, **changes) -> None:
-        with self._lock:
-            for key, value in changes.items():
-                setattr(self.status, key, value)
-            self.status.heartbeat_at = time.time()
-            ledger.write_status(self.job_uri, self.status)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.update()
-            except UserError as exc:  # a missed heartbeat must not kill training
-                log.warning("heartbeat for %s failed: %s", self.status.id, exc)
-
-    def __enter__(self) -> "StatusKeeper":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def should_train(status: SubjectStatus | None, job: JobConfig, owner: str) -> tuple[bool, str]:
-    if status is None or status.state == "pending":
-        return True, "new" if status is None else "pending"
-    if status.state == "done":
-        return False, "already done"
-    if status.state == "running":
-        if status.worker == owner:
-            return True, "restarting own run"
-        if status.is_stale(job.output.stale_after_s):
-            return True, f"taking over a stale run of {status.worker}"
-        return False, f"running on {status.worker}"
-    if status.attempts >= job.output.max_attempts:
-        return False, f"failed {status.attempts} times (max_attempts={job.output.max_attempts})"
-    return True, f"retrying after failure ({status.attempts}/{job.output.max_attempts})"
 
 
 @dataclass
@@ -106,7 +56,8 @@ class Worker:
             store = job.prior.store or storage.join(self.job_uri, "priors")
             for prompt in sorted({s.class_prompt for s in subjects}):
                 uris, _ = priors.ensure_class_images(self.c, prompt, job.model.source, job.train.resolution,
-                                                     job.prior, job.train.seed, store)
+                                                     job.prior, job.train.seed, store, self.owner,
+                                                     job.output.stale_after_s)
                 class_images[prompt] = uris
         torch.manual_seed(job.train.seed)
         adapters.attach(self.c.unet, job.adapter, adapters.UNET_TARGETS, "unet")
@@ -121,18 +72,12 @@ class Worker:
     # ---------------------------------------------------------------- per subject
     def run_subject(self, subject: Subject, class_images: list[str] | None) -> Outcome:
         job, c = self.job, self.c
-        status = ledger.read_status(self.job_uri, subject.id)
-        go, why = should_train(status, job, self.owner)
-        if not go:
+        keeper, why = lease.begin(job, subject, self.owner)
+        if keeper is None:
             log.info("subject %s: skipped (%s)", subject.id, why)
             return Outcome(subject.id, "skipped", why)  # the exit code reflects what this run attempted
         log.info("subject %s: training (%s)", subject.id, why)
-        status = status or SubjectStatus(id=subject.id)
-        steps = subject.steps or job.train.steps
-        history = status.history + [{"attempt": status.attempts + 1, "worker": self.owner, "at": time.time()}]
-        keeper = StatusKeeper(self.job_uri, status, job.output.heartbeat_s)
-        keeper.update(state="running", attempts=status.attempts + 1, worker=self.owner, error=None,
-                      started_at=time.time(), steps=steps, history=history)
+        steps = keeper.status.steps
         with keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
             work = Path(tmp)
             try:
@@ -153,12 +98,14 @@ class Worker:
                 if result.preempted:
                     keeper.update(state="pending", step=result.step, error="preempted; resumes from its checkpoint")
                     return Outcome(subject.id, "preempted", f"checkpointed at step {result.step}")
+                if not keeper.held():
+                    return Outcome(subject.id, "skipped", "taken over by another worker; not published")
                 self.publish(subject, work, steps)
                 keeper.update(state="done", step=result.step, final_loss=result.final_loss, finished_at=time.time())
                 return Outcome(subject.id, "done", f"{result.step} steps", result.final_loss)
             except (UserError, ValueError, RuntimeError, OSError) as exc:
                 log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
-                keeper.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+                keeper.fail(exc)
                 return Outcome(subject.id, "failed", str(exc))
 
     def publish(self, subject: Subject, work: Path, steps: int) -> None:

@@ -25,9 +25,27 @@ def _setup_logging(rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _load_plan(path: str | None, job_file: str):
+    from pathlib import Path
+
+    from launcher.errors import ConfigError
+    from launcher.plan import PLAN_FILE, ShardPlan
+
+    plan_file = Path(path) if path else Path(job_file).with_name(PLAN_FILE)
+    if not plan_file.exists():
+        if path:
+            raise ConfigError(f"shard plan {plan_file} does not exist")
+        return None
+    try:
+        return ShardPlan.from_json(plan_file.read_text())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"shard plan {plan_file} is not valid: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.worker", description="dreamfleet training worker")
     parser.add_argument("--job", required=True, help="resolved job file (YAML)")
+    parser.add_argument("--plan", help="shard plan (JSON); default: plan.json beside the job file, if there is one")
     parser.add_argument("--summary", help="write a JSON summary of the outcomes to this path (rank 0)")
     args = parser.parse_args(argv)
 
@@ -47,8 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.subjects import resolve_subjects
 
         job = load_job(args.job)
-        subjects = subjects_for_shard(resolve_subjects(job), env.shard_index, env.num_shards)
-        mine = subjects_for_rank(subjects, env.rank, env.world_size, job.distributed.strategy)
+        plan = _load_plan(args.plan, args.job)
+        if plan is not None and env.rank == 0 and env.shard_index == 0:
+            from launcher import storage
+            from launcher.plan import PLAN_FILE
+
+            storage.write_text(storage.join(job.job_uri, PLAN_FILE), plan.to_json())  # the next submit keeps it
+        subjects = subjects_for_shard(resolve_subjects(job), env.shard_index, env.num_shards, plan)
+        mine = subjects_for_rank(subjects, env.rank, env.world_size, job.distributed.strategy,
+                                 plan.work if plan else None)
         log.info("shard %d/%d, rank %d/%d: %d subject(s): %s", env.shard_index, env.num_shards, env.rank,
                  env.world_size, len(mine), ", ".join(s.id for s in mine) or "-")
         if not mine:

@@ -17,7 +17,7 @@ import yaml
 from launcher.backends import run_tool
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.errors import UserError
-from launcher.plan import make_plan
+from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan
 from launcher.render.kubernetes import render_manifests
 
 KUSTOMIZATION = "Kustomization"
@@ -31,9 +31,10 @@ def file_name(index: int, obj: dict) -> str:
     return f"{index:02d}-{obj['kind'].lower()}-{obj['metadata']['name']}.yaml"
 
 
-def render_files(job: JobConfig, subjects: list[Subject]) -> dict[str, str]:
+def render_files(job: JobConfig, subjects: list[Subject], shard_plan: ShardPlan | None = None) -> dict[str, str]:
     """{file name: YAML text} for the job's manifests and its kustomization."""
-    objs = render_manifests(job, make_plan(job, len(subjects)), dump_job(job))
+    shard_plan = shard_plan or pure_shard_plan(job, subjects, {})
+    objs = render_manifests(job, make_plan(job, len(subjects)), dump_job(job), shard_plan.to_json())
     files = {file_name(i, obj): dump(obj) for i, obj in enumerate(objs)}
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
                      "resources": sorted(files)}
@@ -41,12 +42,12 @@ def render_files(job: JobConfig, subjects: list[Subject]) -> dict[str, str]:
     return files
 
 
-def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]:
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob("*.yaml"):
         stale.unlink()
     paths = []
-    for name, text in render_files(job, subjects).items():
+    for name, text in render_files(job, subjects, shard_plan).items():
         (out_dir / name).write_text(text)
         paths.append(out_dir / name)
     return paths
@@ -56,8 +57,9 @@ def _kubectl(args: list[str], what: str) -> str:
     return run_tool(["kubectl", *args], what, "apply the rendered directory from where it is: kubectl apply -k DIR")
 
 
-def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
-    render(job, subjects, out_dir)
+def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
+           shard_plan: ShardPlan | None = None) -> str:
+    render(job, subjects, out_dir, shard_plan)
     if dry_run:
         return "".join(f"---\n# {p.name}\n{p.read_text()}" for p in sorted(out_dir.glob("*.yaml")))
     context = subprocess.run(["kubectl", "config", "current-context"], capture_output=True, text=True) \

@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.config import JobConfig, Subject, dump_job
-from launcher.plan import make_plan
+from launcher.backends import write_job_files
+from launcher.config import JobConfig, Subject
+from launcher.plan import ShardPlan, make_plan
 
 COMMAND_FILE = "command.sh"
 
@@ -32,22 +33,21 @@ def worker_env(job: JobConfig, subjects: list[Subject]) -> dict[str, str]:
     return env
 
 
-def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job_file = out_dir / "job.yaml"
-    job_file.write_text(dump_job(job))
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
+    job_file, plan_file, _ = write_job_files(job, subjects, out_dir, shard_plan)
     env = worker_env(job, subjects)
     lines = ["#!/usr/bin/env bash", "set -euo pipefail"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    lines.append(shlex.join(worker_command(job, job_file.absolute(), python="python")))
+    lines.append(shlex.join(worker_command(job, job_file, python="python")))
     script = out_dir / COMMAND_FILE
     script.write_text("\n".join(lines) + "\n")
     script.chmod(0o755)
-    return [job_file, script]
+    return [job_file, plan_file, script]
 
 
-def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
-    render(job, subjects, out_dir)
+def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
+           shard_plan: ShardPlan | None = None) -> str:
+    render(job, subjects, out_dir, shard_plan)
     cmd = worker_command(job, (out_dir / "job.yaml").absolute())
     if dry_run:
         return (out_dir / COMMAND_FILE).read_text()

@@ -8,30 +8,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from launcher.backends import run_tool
-from launcher.config import JobConfig, Subject, dump_job
+from launcher.backends import run_tool, write_job_files
+from launcher.config import JobConfig, Subject
 from launcher.errors import UserError
-from launcher.plan import make_plan
+from launcher.plan import ShardPlan, make_plan
 from launcher.render.slurm import render_sbatch
 
 SCRIPT = "job.sbatch"
 
 
-def render(job: JobConfig, subjects: list[Subject], out_dir: Path) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job_file = (out_dir / "job.yaml").absolute()
-    job_file.write_text(dump_job(job))
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
+    job_file, plan_file, _ = write_job_files(job, subjects, out_dir, shard_plan)
     script = out_dir / SCRIPT
     script.write_text(render_sbatch(job, make_plan(job, len(subjects)), str(job_file)))
-    return [job_file, script]
+    return [job_file, plan_file, script]
 
 
 def _run(cmd: list[str], what: str) -> str:
     return run_tool(cmd, what, "run this on a Slurm login node (or set SLURM_CONF for a test cluster)")
 
 
-def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False) -> str:
-    render(job, subjects, out_dir)
+def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
+           shard_plan: ShardPlan | None = None) -> str:
+    render(job, subjects, out_dir, shard_plan)
     if dry_run:
         return (out_dir / SCRIPT).read_text()
     # slurmstepd opens --output before the script runs: the log directory must already exist

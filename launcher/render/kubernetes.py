@@ -39,9 +39,10 @@ def _meta(job: JobConfig, name: str, extra_labels: dict | None = None) -> dict:
     return meta
 
 
-def configmap(job: JobConfig, job_yaml: str) -> dict:
+def configmap(job: JobConfig, job_yaml: str, plan_json: str) -> dict:
+    """The resolved job file and the shard plan, mounted side by side at JOB_MOUNT."""
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(job, f"{job.name}-job"),
-            "data": {"job.yaml": job_yaml}}
+            "data": {"job.yaml": job_yaml, "plan.json": plan_json}}
 
 
 def headless_service(job: JobConfig) -> dict:
@@ -227,6 +228,6 @@ def jobset(job: JobConfig, plan: Plan) -> list[dict]:
 FLAVOURS = {"indexed-job": indexed_job, "pytorchjob": pytorchjob, "jobset": jobset}
 
 
-def render_manifests(job: JobConfig, plan: Plan, job_yaml: str) -> list[dict]:
+def render_manifests(job: JobConfig, plan: Plan, job_yaml: str, plan_json: str) -> list[dict]:
     """Every object to apply, in apply order: the job file's ConfigMap first."""
-    return [configmap(job, job_yaml), network_policy(job)] + FLAVOURS[job.cluster.kubernetes.flavour](job, plan)
+    return [configmap(job, job_yaml, plan_json), network_policy(job)] + FLAVOURS[job.cluster.kubernetes.flavour](job, plan)

@@ -1,0 +1,157 @@
+"""The claim protocol: exclusive claims on a local filesystem and on a real S3 endpoint, racing
+workers of which exactly one wins, stale takeover, and fencing (a superseded worker writes
+nothing more and does not publish)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import job_dict
+from launcher import fleet, ledger, storage
+from launcher.config import Subject, job_from_dict
+from launcher.ledger import Claim, SubjectStatus
+from training import lease
+
+
+def make_job(output_uri: str, **output):
+    data = job_dict(Path("/nonexistent/model"), [{"id": "a", "images": "/nowhere", "instance_prompt": "sks"}],
+                    output_uri, name="lease", output={"uri": output_uri, **output})
+    return job_from_dict(data)
+
+
+SUBJECT = Subject(id="a", images="/nowhere", instance_prompt="sks")
+
+
+@pytest.fixture(params=["local", "s3"])
+def output_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "out")
+    s3 = request.getfixturevalue("s3")
+    return f"s3://{s3['bucket']}/out"
+
+
+def test_create_exclusive_lets_one_writer_win(output_uri):
+    uri = storage.join(output_uri, "x", "claim.json")
+    assert storage.create_exclusive(uri, b"first")
+    assert not storage.create_exclusive(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+
+
+def test_racing_workers_exactly_one_claims(output_uri):
+    job = make_job(output_uri)
+    barrier = threading.Barrier(6)
+    won: list[str] = []
+
+    def contend(owner: str) -> None:
+        barrier.wait()
+        keeper, why = lease.begin(job, SUBJECT, owner)
+        if keeper is not None:
+            won.append(owner)
+            keeper.stop()
+
+    threads = [threading.Thread(target=contend, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(won) == 1
+    status = ledger.read_status(job.job_uri, "a")
+    assert status.state == "running" and status.worker == won[0] and status.lease == 1 and status.attempts == 1
+    assert ledger.latest_claim(ledger.claims_uri(job.job_uri, "a")).owner == won[0]
+
+
+def test_stale_takeover_fences_the_old_worker(tmp_path):
+    job = make_job(str(tmp_path / "out"), stale_after_s=1, heartbeat_s=3600)
+    old, why = lease.begin(job, SUBJECT, "old")
+    assert old is not None and why == "new"
+    busy, why = lease.begin(job, SUBJECT, "new")
+    assert busy is None and why == "running on old"
+    time.sleep(1.2)  # the old worker's heartbeat goes stale
+    new, why = lease.begin(job, SUBJECT, "new")
+    assert new is not None and why == "taking over a stale run of old"
+    assert not old.held()
+    old.update(state="done")  # a superseded worker writes nothing more
+    status = ledger.read_status(job.job_uri, "a")
+    assert status.state == "running" and status.worker == "new" and status.lease == 2 and status.attempts == 2
+    assert [h["worker"] for h in status.history] == ["old", "new"]
+    new.update(state="done")
+    assert ledger.read_status(job.job_uri, "a").state == "done"
+    again, why = lease.begin(job, SUBJECT, "third")
+    assert again is None and why == "already done"
+    old.stop()
+    new.stop()
+
+
+def test_requeued_owner_keeps_its_claim_and_retry_failed_continues_the_sequence(tmp_path):
+    job = make_job(str(tmp_path / "out"), max_attempts=1)
+    first, _ = lease.begin(job, SUBJECT, "job 7 shard 0 rank 0")
+    first.stop()  # killed; the scheduler requeues the same job (same owner)
+    again, why = lease.begin(job, SUBJECT, "job 7 shard 0 rank 0")
+    assert again is not None and why == "restarting own run" and again.claim.seq == 1
+    again.fail(RuntimeError("boom"))
+    again.stop()
+    no, why = lease.begin(job, SUBJECT, "other")
+    assert no is None and "failed 2 times" in why  # the requeued restart was attempt 2
+    assert fleet.retry_failed(job.job_uri) == ["a"]
+    retried, why = lease.begin(job, SUBJECT, "other")
+    assert retried is not None and retried.claim.seq == 2
+    retried.stop()
+
+
+def test_an_unstarted_claim_is_respected_until_stale():
+    job = make_job("/tmp/unused", stale_after_s=60)
+    claim = Claim(seq=3, owner="w1", at=1000.0)
+    status = SubjectStatus(id="a", state="failed", attempts=1, lease=2)
+    assert lease.should_train(status, claim, job, "w2", now=1030.0) == (False, "claimed by w1")
+    assert lease.should_train(status, claim, job, "w2", now=1061.0) == (True, "taking over an unstarted claim of w1")
+    assert lease.should_train(status, claim, job, "w1", now=1030.0) == (True, "restarting own claim")
+    done = SubjectStatus(id="a", state="done", lease=2)
+    assert lease.should_train(done, claim, job, "w2", now=1061.0) == (False, "already done")
+
+
+def test_class_images_are_generated_once_by_racing_workers(tmp_path, tiny_model, monkeypatch):
+    from launcher.config import PriorConfig
+    from training import priors
+    from training.components import load_components
+
+    job = job_from_dict(job_dict(tiny_model, [{"id": "a", "images": "/nowhere", "instance_prompt": "sks"}], tmp_path / "out"))
+    c = load_components(job.model, __import__("torch").device("cpu"))
+    calls = []
+    real = priors.generate
+
+    def counted(*args, **kwargs):
+        calls.append(threading.current_thread().name)
+        time.sleep(1.0)  # long enough that the other worker finds the lock held
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(priors, "generate", counted)
+    prior = PriorConfig(enabled=True, num_class_images=2, sample_steps=1)
+    store = str(tmp_path / "priors")
+    results = {}
+
+    def worker(name: str) -> None:
+        results[name] = priors.ensure_class_images(c, "a thing", "tiny", 32, prior, 0, store, name, poll_s=0.1)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",), name=f"w{i}") for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(calls) == 1
+    assert sorted(generated for _, generated in results.values()) == [False, False, True]
+    uris = {tuple(u) for u, _ in results.values()}
+    assert len(uris) == 1 and len(next(iter(uris))) == 2
+
+    # a dead generator's lock (no heartbeat) is taken over once it is stale
+    other = PriorConfig(enabled=True, num_class_images=1, sample_steps=1)
+    key = priors.prior_key("another", "tiny", 32, other, 0)
+    dead = ledger.try_claim(storage.join(store, f"{key}.claims"), 1, "dead")
+    assert dead is not None
+    uris, generated = priors.ensure_class_images(c, "another", "tiny", 32, other, 0, store, "alive",
+                                                 stale_after_s=0.5, poll_s=0.1)
+    assert generated and len(uris) == 1 and len(calls) == 2
+    assert ledger.latest_claim(storage.join(store, f"{key}.claims")).owner == "alive"
