@@ -171,6 +171,11 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     fs, path = _fs(uri)
 
     def put() -> bool:
+        if not uri.startswith("s3://"):  # no conditional create in the API: check, write, read back
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, data)
+            return fs.cat_file(path) == data
         try:
             fs.pipe_file(path, data, mode="create")
             return True
