@@ -3,6 +3,7 @@ same model, images, resolution, batch, rank, targets, steps and seed, in one run
 
     python benchmarks/vs_reference.py --reference-script PATH [--python .venv-bench/bin/python]
         [--model tiny|sd15] [--resolution 64] [--steps 40 200] [--reps 3] [--out DIR]
+        [--set train.compile=true] [--batch-set train.pack=4]
 
 The reference script is not shipped: point to your copy. Both trainers run as fresh processes
 with the same Python (so the same torch), repetitions alternate which goes first, and:
@@ -13,6 +14,10 @@ with the same Python (so the same torch), repetitions alternate which goes first
 - with --subjects K > 1, dreamfleet also trains K subjects in one job (its normal use: one
   process, one model load, K adapters) and reports that wall time / K; the reference trains one
   subject per process, so its seconds per subject stay those of one run;
+- `--set KEY=VALUE` changes dreamfleet's job for every run (e.g. train.compile=true), and
+  `--batch-set` only its K-subject job (e.g. train.pack=4: the K subjects packed in one batch);
+  the settings that must match the reference (data, batch, rank, steps, seed, precision) are
+  not meant to be changed this way;
 - peak RSS is the child's own ru_maxrss (os.wait4); on GPU, peak GPU memory is polled from
   nvidia-smi for the child's pid.
 
@@ -64,9 +69,24 @@ def ours_command(args, model: Path, images: Path, steps: int, out: Path, subject
                      for i in range(subjects)],
         "output": {"uri": str(out)},
     }
+    for setting in args.set + (args.batch_set if subjects > 1 else []):
+        _set(job, setting)
     job_file = out.parent / f"{out.name}.yaml"
     job_file.write_text(yaml.safe_dump(job))
     return [args.python, "-m", "training.worker", "--job", str(job_file)]
+
+
+def _set(job: dict, setting: str) -> None:
+    import yaml
+
+    key, sep, value = setting.partition("=")
+    if not sep:
+        raise SystemExit(f"--set {setting!r}: expected KEY=VALUE")
+    *parents, leaf = key.split(".")
+    node = job
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
 
 
 def reference_command(args, model: Path, images: Path, steps: int, out: Path) -> list[str]:
@@ -184,6 +204,9 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=4, help="subjects in dreamfleet's batch run (1: skip it)")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--out", type=Path, default=Path("/tmp/dreamfleet-bench"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dreamfleet job setting, every run")
+    parser.add_argument("--batch-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dreamfleet job setting for the K-subject job only (e.g. train.pack=4)")
     args = parser.parse_args()
     args.mixed_precision_ref = args.mixed_precision
     if not args.reference_script.exists():

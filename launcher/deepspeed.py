@@ -36,6 +36,10 @@ def deepspeed_config(job: JobConfig, on_gpu: bool) -> dict[str, Any]:
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
         "zero_allow_untested_optimizer": True,  # bitsandbytes AdamW8bit as the client optimizer
+        # under offload the worker hands DeepSpeed its own CPU Adam (AdamW mode, the job's betas
+        # and eps); forcing would make accelerate swap in another instance (Adam mode, the job's
+        # LR schedule attached to the discarded one)
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -31,26 +31,37 @@ def check_model(source: str) -> list[str]:
 def notes_for(job: JobConfig) -> list[str]:
     d, t = job.distributed, job.train
     notes = []
-    if d.strategy == "deepspeed" and d.offload_optimizer and t.optimizer != "adamw":
-        notes.append(f"train.optimizer={t.optimizer} cannot run with ZeRO-Offload (offload_optimizer): the optimizer "
-                     "step runs on the CPU, where DeepSpeed's own CPU Adam is used instead (fp32 state on the host)")
+    if d.strategy == "deepspeed" and d.offload_optimizer:
+        if t.optimizer != "adamw":
+            notes.append(f"train.optimizer={t.optimizer} cannot run with ZeRO-Offload (offload_optimizer): the "
+                         "optimizer step runs on the CPU, where DeepSpeed's own CPU Adam is used instead (AdamW, fp32 "
+                         "state on the host)")
+        notes.append("distributed.offload_optimizer: DeepSpeed compiles its CPU Adam with the node's C++ compiler on "
+                     "first use (about 2 minutes on 2 cores; cached in TORCH_EXTENSIONS_DIR, default "
+                     "~/.cache/torch_extensions) unless the image has it prebuilt (DS_BUILD_CPU_ADAM=1)")
     if t.optimizer == "paged_adamw8bit":
         notes.append("train.optimizer=paged_adamw8bit pages state only on GPU; on CPU it runs as AdamW8bit")
-    if d.strategy in ("ddp", "deepspeed") and t.checkpoint_every:
-        notes.append(f"train.checkpoint_every: strategy {d.strategy} writes no resumable checkpoints yet; a preempted "
-                     "subject restarts from step 0 (strategy subject resumes)")
+    if t.gradient_checkpointing and d.strategy in ("ddp", "deepspeed"):
+        notes.append(f"train.gradient_checkpointing is not applied with distributed.strategy {d.strategy} yet: "
+                     "activations are kept (ZeRO shards optimizer state, not activations)")
     if t.compile:
-        notes.append("train.compile applies on GPU only; CPU runs are not compiled")
+        notes.append("train.compile: a worker's first subject waits for the compile (minutes on CPU); put "
+                     "TORCHINDUCTOR_CACHE_DIR on persistent storage so later runs reuse it")
     return notes
 
 
 def unsupported(job: JobConfig) -> list[str]:
-    """Combinations the worker cannot run (yet), reported before anything starts."""
+    """Combinations the worker cannot run, reported before anything starts."""
     d = job.distributed
     errors = []
-    if d.strategy in ("ddp", "deepspeed") and job.adapter.text_encoder is not None:
-        errors.append(f"adapter.text_encoder: a text-encoder adapter is not supported with distributed.strategy "
-                      f"{d.strategy} yet; use strategy subject, or drop it")
+    for offload in ("offload_optimizer", "offload_params"):
+        if getattr(d, offload) and d.strategy != "deepspeed":
+            errors.append(f"distributed.{offload}: offloading is done by DeepSpeed and needs distributed.strategy "
+                          f"deepspeed, got {d.strategy}")
+    if d.strategy in ("ddp", "deepspeed") and job.train.gradient_accumulation > 1:
+        errors.append(f"train.gradient_accumulation={job.train.gradient_accumulation} is not supported with "
+                      f"distributed.strategy {d.strategy} yet: raise train.batch_size or add processes instead "
+                      "(the global batch is batch_size x processes)")
     return errors
 
 

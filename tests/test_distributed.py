@@ -14,8 +14,8 @@ from conftest import run_worker
 pytestmark = pytest.mark.slow
 
 
-def adapter(tmp_path, name="t", sid="s0"):
-    return load_file(tmp_path / "out" / name / "subjects" / sid / "adapter" / "unet" / "adapter_model.safetensors")
+def adapter(tmp_path, name="t", sid="s0", part="unet"):
+    return load_file(tmp_path / "out" / name / "subjects" / sid / "adapter" / part / "adapter_model.safetensors")
 
 
 def max_diff(a, b) -> float:
@@ -37,6 +37,29 @@ def test_ddp_equals_one_process_with_the_same_global_batch(make_job, tmp_path):
     assert max_diff(adapter(tmp_path, "one"), adapter(tmp_path, "ddp")) < 1e-5
 
 
+def test_ddp_with_a_text_encoder_adapter_equals_one_process(make_job, tmp_path):
+    """The text encoder's adapter trains jointly with the UNet's under DDP (one wrapper, one
+    optimizer with two parameter groups): both adapters equal one process on the same global
+    batch, and the published folder has the same files as the single-process run's. The cosine
+    schedule must advance once per step (accelerate's default steps it once per process)."""
+    te = {"adapter": {"type": "lora", "rank": 4, "text_encoder": {"type": "lora", "rank": 2, "targets": "comprehensive"}}}
+    train = {"steps": 4, "eps": 1.0, "learning_rate": 0.5, "text_encoder_learning_rate": 0.25, "lr_scheduler": "cosine"}
+    one = run_worker(make_job(name="one", train={**train, "batch_size": 2}, **te))
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = run_worker(make_job(name="ddp", train={**train, "batch_size": 1}, distributed={"strategy": "ddp", "nproc_per_node": 2},
+                              **te), nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    for part in ("unet", "text_encoder"):
+        assert max_diff(adapter(tmp_path, "one", part=part), adapter(tmp_path, "ddp", part=part)) < 1e-5, part
+    trained = adapter(tmp_path, "ddp", part="text_encoder")
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)  # trained, not the zero init
+    files = {name: sorted(p.relative_to(tmp_path / "out" / name / "subjects" / "s0").as_posix()
+                          for p in (tmp_path / "out" / name / "subjects" / "s0").rglob("*")
+                          if p.is_file() and p.name not in ("status.json", "MANIFEST.json") and "checkpoints" not in p.parts)
+             for name in ("one", "ddp")}
+    assert files["one"] == files["ddp"] and "adapter/text_encoder/adapter_model.safetensors" in files["ddp"]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 @pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
 def test_zero_trains_and_saves_a_full_adapter_diffusers_loads(make_job, tmp_path, tiny_model, stage, optimizer):
@@ -55,14 +78,20 @@ def test_zero_trains_and_saves_a_full_adapter_diffusers_loads(make_job, tmp_path
     assert status["state"] == "done"
 
 
-def test_zero3_adapter_equals_zero2(make_job, tmp_path):
-    """ZeRO-3 shards every parameter; the saved adapter must be the gathered whole, the same as
-    ZeRO-2's (which keeps parameters whole) for the same run."""
+def test_zero3_adapters_equal_zero2_with_a_text_encoder_adapter(make_job, tmp_path):
+    """ZeRO-3 shards every parameter; the saved adapters, the UNet's and the text encoder's (both
+    trained in one engine), must be the gathered whole, the same as ZeRO-2's (which keeps
+    parameters whole) for the same run, and not empty."""
+    te = {"type": "lora", "rank": 2, "targets": "comprehensive"}
     for stage in (2, 3):
-        proc = run_worker(make_job(name=f"z{stage}", train={"steps": 3},
+        proc = run_worker(make_job(name=f"z{stage}", train={"steps": 3}, adapter={"type": "lora", "rank": 4, "text_encoder": te},
                                    distributed={"strategy": "deepspeed", "zero_stage": stage, "nproc_per_node": 2}), nproc=2)
         assert proc.returncode == 0, proc.stderr[-4000:]
-    assert max_diff(adapter(tmp_path, "z2"), adapter(tmp_path, "z3")) < 1e-5
+    for part in ("unet", "text_encoder"):
+        saved = adapter(tmp_path, "z2", part=part)
+        assert saved and all(v.numel() > 0 for v in saved.values()), part
+        assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k), part  # trained, not the zero init
+        assert max_diff(saved, adapter(tmp_path, "z3", part=part)) < 1e-5, part
 
 
 def test_subject_parallel_ranks_train_their_own_subjects_like_alone(make_job, tmp_path):
@@ -77,8 +106,9 @@ def test_subject_parallel_ranks_train_their_own_subjects_like_alone(make_job, tm
     assert max_diff(adapter(tmp_path, "par", "s0"), adapter(tmp_path, "alone", "s0")) < 1e-6
 
 
-def test_two_torchrun_agents_rendezvous_and_train_with_zero2(make_job, tmp_path):
-    """Two nodes on one machine: two torchrun agents meet in a c10d rendezvous on 127.0.0.1."""
+def _start_two_agents(job, tmp_dirs):
+    """Two nodes on one machine: two torchrun agents meet in a c10d rendezvous on 127.0.0.1, each
+    with its own TMPDIR, so that each node stages files where the other cannot look."""
     import socket
     import subprocess
     import sys
@@ -88,28 +118,108 @@ def test_two_torchrun_agents_rendezvous_and_train_with_zero2(make_job, tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    job = make_job(name="nodes", train={"steps": 3},
-                   distributed={"strategy": "deepspeed", "zero_stage": 2, "nnodes": 2, "nproc_per_node": 1})
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=two-nodes", "-m", "training.worker", "--job", str(job)]
-    agents = [subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errs = [a.communicate(timeout=600)[1] for a in agents]
+           f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=two-nodes-{port}", "-m", "training.worker", "--job", str(job)]
+    for tmp in tmp_dirs:
+        tmp.mkdir(parents=True, exist_ok=True)
+    return [subprocess.Popen(cmd, env=worker_env({"TMPDIR": str(tmp)}), cwd=REPO, stderr=subprocess.PIPE, text=True)
+            for tmp in tmp_dirs]
+
+
+def _rank_of(stderr: str) -> int:
+    import re
+
+    ranks = set(re.findall(r" rank(\d) INFO ", stderr))
+    assert len(ranks) == 1, ranks
+    return int(ranks.pop())
+
+
+def test_two_nodes_publish_their_own_shards_and_resume_to_the_straight_result(make_job, tmp_path):
+    """Two torchrun agents (nodes) with separate TMPDIRs train one subject with ZeRO-2 and are
+    preempted: each node publishes its own rank's optimizer shard to the checkpoint (no shared
+    staging disk), rank 0 writes the manifest last; the resumed two-node run fetches, per rank,
+    rank 0's part and its own, and ends where a straight run ends."""
+    import signal
+    import time
+
+    import psutil
+
+    train = {"steps": 40, "lr_scheduler": "cosine", "log_every": 10}
+    straight = run_worker(make_job(name="straight", train=train,
+                                   distributed={"strategy": "deepspeed", "zero_stage": 2, "nproc_per_node": 2}), nproc=2)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    job = make_job(name="nodes", train=train, output={"heartbeat_s": 1},
+                   distributed={"strategy": "deepspeed", "zero_stage": 2, "nnodes": 2, "nproc_per_node": 1})
+    subject = tmp_path / "out" / "nodes" / "subjects" / "s0"
+    tmp_dirs = [tmp_path / "node-a-tmp", tmp_path / "node-b-tmp"]
+
+    agents = _start_two_agents(job, tmp_dirs)
+    deadline = time.time() + 240
+    while time.time() < deadline and all(a.poll() is None for a in agents):
+        if (subject / "status.json").exists():
+            status = json.loads((subject / "status.json").read_text())
+            if status["state"] == "running" and status.get("step", 0) >= 2:
+                break
+        time.sleep(0.1)
+    workers = psutil.Process(agents[1].pid).children()
+    assert workers, "the second agent has no worker"
+    workers[0].send_signal(signal.SIGUSR1)  # one node is preempted; the other learns it in the step's all-reduce
+    errs = [a.communicate(timeout=300)[1] for a in agents]
+    (tmp_path / "preempted-a.log").write_text(errs[0])
+    (tmp_path / "preempted-b.log").write_text(errs[1])
+    status = json.loads((subject / "status.json").read_text())
+    assert status["state"] == "pending" and 0 < status["step"] < 40, (status, errs[0][-3000:], errs[1][-3000:])
+    latest = (subject / "checkpoints" / "latest").read_text().strip()
+    for err, tmp in zip(errs, tmp_dirs):
+        rank = _rank_of(err)
+        assert f"rank {rank} stages checkpoints in {tmp}/" in err, err[-3000:]
+        assert f"published the engine files of rank(s) {rank}\n" in err, err[-3000:]  # its own node's, only
+    _assert_adapter_equals_the_shards(subject / "checkpoints" / latest, tmp_path)
+
+    agents = _start_two_agents(job, tmp_dirs)
+    errs = [a.communicate(timeout=300)[1] for a in agents]
     assert [a.returncode for a in agents] == [0, 0], errs[0][-3000:] + errs[1][-3000:]
-    assert "rank 0/2: 1 subject(s)" in errs[0] + errs[1] and "rank 1/2: 1 subject(s)" in errs[0] + errs[1]
-    status = json.loads((tmp_path / "out" / "nodes" / "subjects" / "s0" / "status.json").read_text())
-    assert status["state"] == "done"
+    for err in errs:
+        rank = _rank_of(err)
+        assert f"resuming from {latest}" in err
+        fetched = "0" if rank == 0 else "0, 1"  # rank 0's part (module file) and its own shard
+        assert f"rank {rank} fetched the engine part(s) of rank(s) {fetched}\n" in err, err[-3000:]
+    status = json.loads((subject / "status.json").read_text())
+    assert status["state"] == "done" and status["attempts"] == 2
+    assert max_diff(adapter(tmp_path, "straight"), adapter(tmp_path, "nodes")) < 1e-5
+    assert not any(any(tmp.rglob("dreamfleet-*")) for tmp in tmp_dirs)  # staging cleaned up
 
 
-def _assert_adapter_equals_the_shards(folder):
-    """The checkpoint's adapter file (gathered on rank 0) against the adapter DeepSpeed's own
+def _engine_from_parts(folder, dest):
+    """One DeepSpeed checkpoint folder assembled from the per-rank parts of a published checkpoint
+    (each part a complete artifact with its own manifest)."""
+    import shutil
+
+    parts = sorted((folder / "engine").glob("rank-*"))
+    manifest = json.loads((folder / "MANIFEST.json").read_text())
+    assert [int(p.name.removeprefix("rank-")) for p in parts] == manifest["engine_ranks"]
+    for part in parts:
+        assert (part / "MANIFEST.json").exists(), part
+        shutil.copytree(part, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("MANIFEST.json"))
+    return dest
+
+
+def _assert_adapter_equals_the_shards(folder, tmp_path):
+    """The checkpoint's adapter files (gathered on rank 0) against the adapters DeepSpeed's own
     zero_to_fp32 assembles from the per-rank optimizer shards in the same checkpoint."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    saved = load_file(folder / "adapter_unet.safetensors")
-    shards = get_fp32_state_dict_from_zero_checkpoint(str(folder / "engine"), tag="state")
-    assembled = {k.replace(".default", ""): v for k, v in shards.items() if "lora_" in k}
-    assert saved and len(saved) == len(assembled), (sorted(saved)[:3], sorted(assembled)[:3])
-    assert max_diff(saved, assembled) == 0.0
+    engine = _engine_from_parts(folder, tmp_path / "assembled-engine")
+    shards = get_fp32_state_dict_from_zero_checkpoint(str(engine), tag="state")
+    files = sorted(folder.glob("adapter_*.safetensors"))
+    prefixes = {"unet": "unet.", "text_encoder": "text_encoder."} if len(files) > 1 else {"unet": ""}
+    for file in files:
+        part = file.stem.removeprefix("adapter_")
+        saved = load_file(file)
+        assembled = {k.removeprefix(prefixes[part]).replace(".default", ""): v for k, v in shards.items()
+                     if "lora_" in k and k.startswith(prefixes[part])}
+        assert saved and len(saved) == len(assembled), (part, sorted(saved)[:3], sorted(assembled)[:3])
+        assert max_diff(saved, assembled) == 0.0, part
 
 
 def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2):
@@ -146,7 +256,7 @@ def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2):
     assert (subject / "checkpoints" / "latest").exists()
     latest = (subject / "checkpoints" / "latest").read_text().strip()
     if "zero_stage" in job.read_text():
-        _assert_adapter_equals_the_shards(subject / "checkpoints" / latest)
+        _assert_adapter_equals_the_shards(subject / "checkpoints" / latest, tmp_path)
     again = run_worker(job, nproc=2)
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resuming from {latest}" in again.stderr
@@ -163,8 +273,36 @@ def test_preempted_run_resumes_to_the_straight_result(make_job, tmp_path, tiny_m
         {"strategy": "deepspeed", "zero_stage": int(strategy[-1]), "nproc_per_node": 2}
     train = {"steps": 40, "optimizer": "adamw8bit" if strategy == "zero3" else "adamw", "lr_scheduler": "cosine",
              "log_every": 10}
+    # ZeRO-3 with a text-encoder adapter too: one engine restores both adapters
+    te = {"adapter": {"type": "lora", "rank": 4, "text_encoder": {"type": "lora", "rank": 2}}} if strategy == "zero3" else {}
+    straight = run_worker(make_job(name="straight", train=train, distributed=distributed, **te), nproc=2)
+    assert straight.returncode == 0, straight.stderr[-4000:]
+    job = make_job(name="resumed", train=train, distributed=distributed, output={"heartbeat_s": 1}, **te)
+    _preempt_then_resume(job, tmp_path, "resumed")
+    for part in ("unet", "text_encoder") if te else ("unet",):
+        assert max_diff(adapter(tmp_path, "straight", part=part), adapter(tmp_path, "resumed", part=part)) < 1e-5, part
+
+
+def test_zero2_offload_trains_with_deepspeed_cpu_adam_saves_and_resumes(make_job, tmp_path):
+    """ZeRO-Offload: the optimizer state and step live on the host, in DeepSpeed's own CPU Adam
+    (JIT-built with the system compiler on first use), which replaces a requested AdamW8bit with
+    a logged warning (and a `launcher validate` note). Preempted and resumed, the run ends where
+    a straight one ends, and the saved adapter is complete and trained."""
+    from launcher.config import load_job
+    from launcher.validate import check_job
+
+    distributed = {"strategy": "deepspeed", "zero_stage": 2, "offload_optimizer": True, "nproc_per_node": 2}
+    train = {"steps": 40, "optimizer": "adamw8bit", "lr_scheduler": "cosine", "log_every": 10}
+    errors, notes = check_job(load_job(make_job(name="straight", train=train, distributed=distributed)), check_inputs=False)
+    assert not errors and any("DeepSpeed's own CPU Adam is used instead" in n for n in notes), notes
     straight = run_worker(make_job(name="straight", train=train, distributed=distributed), nproc=2)
     assert straight.returncode == 0, straight.stderr[-4000:]
+    assert "train.optimizer=adamw8bit replaced by DeepSpeed's CPU Adam under ZeRO-Offload" in straight.stderr
+    assert "DeepSpeed ZeRO-2 engine: DeepSpeedZeroOptimizer over DeepSpeedCPUAdam, optimizer offloaded to the CPU: " \
+           "True" in straight.stderr, straight.stderr[-4000:]
     job = make_job(name="resumed", train=train, distributed=distributed, output={"heartbeat_s": 1})
     _preempt_then_resume(job, tmp_path, "resumed")
-    assert max_diff(adapter(tmp_path, "straight"), adapter(tmp_path, "resumed")) < 1e-5
+    saved = adapter(tmp_path, "resumed")
+    assert saved and all(v.numel() > 0 for v in saved.values())
+    assert any(v.abs().max() > 0 for k, v in saved.items() if "lora_B" in k)
+    assert max_diff(adapter(tmp_path, "straight"), saved) < 1e-5

@@ -141,3 +141,52 @@ def test_packed_refuses_loha():
                                     "subjects": [{"id": "a", "images": "/x", "instance_prompt": "p"}]})
     with pytest.raises(ConfigError, match="lora only"):
         packed.check_supported(job.adapter)
+
+
+def test_preempted_pack_checkpoints_every_slot_and_resumes_to_the_straight_result(tiny_model, subjects_root, tmp_path):
+    """SIGUSR1 mid-pack: every live slot checkpoints (in the single-run format), the worker
+    exits 75 with its subjects pending, and the next run resumes each slot to the adapters an
+    uninterrupted packed run gives."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, job_dict, worker_env, write_job
+
+    steps = 40
+    subjects = [subject_entry(subjects_root, i) for i in range(2)]
+    train = {"pack": 2, "steps": steps, "learning_rate": 1e-3, "eps": EPS, "log_every": 5, "checkpoint_every": 10}
+    out = tmp_path / "out"
+    straight = write_job(tmp_path / "straight.yaml", job_dict(tiny_model, subjects, out, name="straight", adapter=LORA,
+                                                              train=train))
+    assert run_worker(straight).returncode == 0
+    job = write_job(tmp_path / "stopped.yaml", job_dict(tiny_model, subjects, out, name="stopped", adapter=LORA,
+                                                        train=train, output={"heartbeat_s": 1}))
+    worker = subprocess.Popen([sys.executable, "-m", "training.worker", "--job", str(job)], cwd=REPO,
+                              env=worker_env(), stderr=subprocess.PIPE, text=True)
+    status_path = _subject_dir(out, "stopped", "s0") / "status.json"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        if status_path.exists() and json.loads(status_path.read_text())["step"] >= 12:
+            break
+        time.sleep(0.1)
+    worker.send_signal(signal.SIGUSR1)
+    _, stderr = worker.communicate(timeout=240)
+    assert worker.returncode == 75, stderr[-3000:]
+    for sid in ("s0", "s1"):
+        status = json.loads((_subject_dir(out, "stopped", sid) / "status.json").read_text())
+        assert status["state"] == "pending" and 12 <= status["step"] < steps, status
+        assert (_subject_dir(out, "stopped", sid) / "checkpoints" / "latest").read_text().strip() == \
+            f"step-{status['step']:08d}"
+        assert not (_subject_dir(out, "stopped", sid) / "MANIFEST.json").exists()
+
+    again = run_worker(job)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("resuming from step-") == 2
+    for sid in ("s0", "s1"):
+        a, b = _adapter(out, "straight", sid), _adapter(out, "stopped", sid)
+        worst = max((a[k] - b[k]).abs().max().item() for k in a)
+        assert worst < 1e-5, f"{sid}: {worst}"
+        lines = [json.loads(x)["step"] for x in (_subject_dir(out, "stopped", sid) / "metrics.jsonl").read_text().splitlines()]
+        assert lines == list(range(5, steps + 1, 5))

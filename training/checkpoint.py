@@ -5,6 +5,13 @@
 
 A checkpoint without a manifest is incomplete: it is ignored on resume and cleaned up.
 
+Data-parallel runs (training.dataparallel) add the engine state, one part per rank, each
+published by its own node (so nodes need not share a disk) before the folder's manifest:
+
+    step-00000100/engine/rank-00000/    rank 0's engine files (DeepSpeed: its optimizer shard,
+    step-00000100/engine/rank-00001/    the module file, `latest`), each part with its MANIFEST.json
+    step-00000100/MANIFEST.json         lists the adapter files and names the parts (engine_ranks)
+
 Uploads run off the training path: `Uploader.submit` publishes on a background thread, at most
 one upload in flight (a second submit first waits for the first), and `Uploader.wait` is called
 before a subject's final publish, so the adapter never lands before its last checkpoint.
@@ -18,6 +25,7 @@ import random
 import shutil
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +36,7 @@ from launcher import storage
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+ENGINE = "engine"  # the optimizer state of a data-parallel run (DeepSpeed: its checkpoint) in a checkpoint folder
 
 
 def checkpoints_uri(subject_uri: str) -> str:
@@ -36,6 +45,14 @@ def checkpoints_uri(subject_uri: str) -> str:
 
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def step_uri(subject_uri: str, step: int) -> str:
+    return storage.join(checkpoints_uri(subject_uri), step_name(step))
+
+
+def engine_part_uri(checkpoint_uri: str, rank: int) -> str:
+    return storage.join(checkpoint_uri, ENGINE, f"rank-{rank:05d}")
 
 
 def rng_state(generator: torch.Generator) -> dict:
@@ -72,17 +89,78 @@ def read_local(directory: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
     return adapters, trainer_state
 
 
-def publish(local_dir: Path, subject_uri: str, step: int, keep: int) -> str:
-    """Upload a checkpoint, then move `latest` to it, then prune to the newest `keep`."""
+def stage(work: Path, step: int, adapters: dict[str, dict[str, torch.Tensor]], stepper_state: dict,
+          generator: torch.Generator, metrics: Path | None = None) -> Path:
+    """Write one subject's checkpoint into `work/checkpoint/step-N` (the training loops' shared
+    format: a single run and a packed slot can resume each other's checkpoints)."""
+    local = work / "checkpoint" / step_name(step)
+    write_local(local, adapters, {"step": step, "stepper": stepper_state, "rng": rng_state(generator)})
+    if metrics is not None and metrics.exists():
+        (local / "metrics.jsonl").write_bytes(metrics.read_bytes())
+    return local
+
+
+@dataclass
+class Resume:
+    name: str
+    step: int
+    adapters: dict[str, dict[str, torch.Tensor]]
+    trainer_state: dict
+    metrics: bytes | None
+
+
+def resume(subject_uri: str) -> Resume | None:
+    """The subject's newest complete checkpoint, fetched, or None."""
+    latest = find_latest(subject_uri)
+    if latest is None:
+        return None
+    adapters, trainer_state = fetch(latest)
+    try:
+        metrics = storage.read_bytes(storage.join(latest, "metrics.jsonl"))
+    except FileNotFoundError:
+        metrics = None
+    return Resume(latest.rsplit("/", 1)[-1], int(trainer_state["step"]), adapters, trainer_state, metrics)
+
+
+def publish(local_dir: Path, subject_uri: str, step: int, keep: int, extra: dict | None = None) -> str:
+    """Upload a checkpoint, then move `latest` to it, then prune to the newest `keep`. Engine
+    parts (publish_engine_part) must be complete before: the folder's manifest vouches for them."""
     root = checkpoints_uri(subject_uri)
     name = step_name(step)
-    storage.publish_dir(local_dir, storage.join(root, name), extra={"step": step})
+    storage.publish_dir(local_dir, storage.join(root, name), extra={"step": step, **(extra or {})})
     storage.write_text(storage.join(root, LATEST), name + "\n")
     complete = [n for n in storage.list_names(root) if n.startswith("step-")]
     for old in sorted(complete)[:-keep]:
         storage.remove(storage.join(root, old))
     log.info("checkpoint %s published to %s", name, storage.redact(root))
     return name
+
+
+def unpublish(checkpoint_uri: str) -> None:
+    """Withdraw a checkpoint folder's manifest before its parts are replaced (the same step
+    written again after a resume), so that it is never complete with a mix of old and new parts."""
+    storage.remove(storage.join(checkpoint_uri, storage.MANIFEST))
+
+
+def publish_engine_part(local_dir: Path, checkpoint_uri: str, rank: int) -> None:
+    """Upload one rank's engine files (a complete part with its own manifest)."""
+    storage.publish_dir(local_dir, engine_part_uri(checkpoint_uri, rank), extra={"rank": rank})
+
+
+def fetch_for_rank(checkpoint_uri: str, local_dir: Path, rank: int, all_parts: bool = False) -> dict:
+    """Download a checkpoint for one rank: the adapter files and trainer state, and of the engine
+    only rank 0's part (DeepSpeed's module file and `latest`) and the rank's own (its optimizer
+    shard), all checksummed, into `local_dir/engine/`; `all_parts` takes every rank's. Returns
+    the folder's manifest."""
+    manifest = storage.fetch_dir(checkpoint_uri, local_dir)
+    ranks = manifest.get("engine_ranks", [])
+    parts = ranks if all_parts else sorted({0, rank} & set(ranks))
+    for part in parts:
+        storage.fetch_dir(engine_part_uri(checkpoint_uri, part), local_dir / ENGINE)
+    if ranks:
+        log.info("checkpoint %s: rank %d fetched the engine part(s) of rank(s) %s", checkpoint_uri.rsplit("/", 1)[-1],
+                 rank, ", ".join(map(str, parts)))
+    return manifest
 
 
 class Uploader:

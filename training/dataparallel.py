@@ -1,27 +1,32 @@
-"""Data-parallel training of one subject at a time across all ranks: DDP, or DeepSpeed ZeRO-2/3,
-both through accelerate, with torch AdamW or bitsandbytes AdamW8bit as the client optimizer.
+"""Data-parallel training of one subject at a time across all ranks: DDP, or DeepSpeed ZeRO-2/3
+(optionally with ZeRO-Offload of the optimizer), both through accelerate, with torch AdamW or
+bitsandbytes AdamW8bit as the client optimizer (DeepSpeed's CPU Adam under ZeRO-Offload).
 
 Order of work, so that no rank waits in a collective while another prepares: every rank loads
 the base and makes or reuses the class images *before* the process group exists; only then do
 the ranks join. Rank 0 alone reads and writes the ledger and publishes; its decisions reach the
-others by broadcast. Each subject gets a fresh UNet and a fresh engine, so ZeRO-3 partitions
-never leak between subjects. Under ZeRO-3 the adapter weights are gathered (only them) and
-rank 0 exports them from an unpartitioned copy of the base, so the files are the same as a
+others by broadcast. Each subject gets fresh copies of the adapted models and a fresh engine, so
+ZeRO-3 partitions never leak between subjects. Under ZeRO-3 the adapter weights are gathered
+(only them) and rank 0 exports them from the unpartitioned base, so the files are the same as a
 single-process run's.
 
-Checkpoints: every `train.checkpoint_every` steps and at preemption, all ranks write the optimizer
-state (under DeepSpeed its own checkpoint: each rank's optimizer shard) into `engine/` of the
-checkpoint folder, and the gathered adapter goes beside it as `adapter_unet.safetensors` (the
-contract's checkpoint format, which a single-process run can also resume from, and vice versa
-for the adapter). Rank 0 publishes the folder. Every rank fetches the checkpoint itself to
-resume. Not yet: the ranks of *other nodes* write their shards to their own disks, so a
-multi-node ZeRO checkpoint is complete only where nodes share the staging path (TMPDIR); and a
-text-encoder adapter under these strategies (rejected with a message).
+A text-encoder adapter trains jointly with the UNet's: both models sit in one module (`Joint`),
+so that one DDP wrapper or one DeepSpeed engine (accelerate prepares one model per engine) holds
+both adapters, with one optimizer of two parameter groups, as in a single-process run.
+
+Checkpoints: every `train.checkpoint_every` steps and at preemption, every rank writes its engine
+state (DeepSpeed: its own checkpoint, one optimizer shard per rank; DDP: rank 0 the optimizer)
+into a staging folder on its own disk. Each node's local rank 0 publishes the parts of its own
+ranks, and after that global rank 0 publishes the gathered adapters beside them in the
+contract's checkpoint format, manifest last (layout in training.checkpoint). To resume, every
+rank fetches the adapter files, rank 0's engine part and its own. Nodes need not share a disk.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -33,13 +38,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launcher import ledger, storage
+from launcher import ledger
 from launcher.config import JobConfig, Subject
 from launcher.deepspeed import deepspeed_config
-from launcher.errors import ConfigError, UserError
+from launcher.errors import UserError
 from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease
-from training.components import Components
+from training.checkpoint import ENGINE
 from training.env import Preemption, WorkerEnv
 from training.loop import diffusion_loss, prepare_subject, subject_seed
 from training.optim import build_lr_scheduler, build_optimizer
@@ -47,8 +52,34 @@ from training.runner import Outcome, Worker
 
 log = logging.getLogger(__name__)
 
-ENGINE = "engine"  # the optimizer state (DeepSpeed: its checkpoint) inside a checkpoint folder
-ENGINE_TAG = "state"
+ENGINE_TAG = "state"  # DeepSpeed's checkpoint tag inside the engine folder
+CPU_ADAM = "deepspeed_cpu_adam"  # the optimizer under ZeRO-Offload, as recorded in checkpoints
+
+
+class Joint(torch.nn.Module):
+    """The UNet and the text encoder as one module, for one DDP wrapper or one DeepSpeed engine.
+    Its forward takes the prompts' token ids where the UNet takes their embeddings, so that the
+    text encoder runs inside the wrapped forward, where DDP and ZeRO-3 hook in."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        embeddings = self.text_encoder(encoder_hidden_states)[0]
+        return self.unet(sample, timestep, encoder_hidden_states=embeddings)
+
+
+class _TokenIds:
+    """Stands in for the text encoder in the shared loss (training.loop.diffusion_loss): hands
+    the token ids on unchanged, and the prepared `Joint` encodes them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor):
+        return (input_ids,)
 
 
 class _Autocast:
@@ -62,14 +93,41 @@ def _broadcast(obj, src: int = 0):
     return box[0]
 
 
-def _fresh_unet(job: JobConfig, c: Components) -> torch.nn.Module:
-    from diffusers import UNet2DConditionModel
+def _on_ranks(fn, what: str) -> list:
+    """Run `fn` where one is given (None elsewhere) and gather the results from every rank. A
+    failure on any rank raises on every rank, so that none is left waiting in a collective."""
+    result, error = None, None
+    if fn is not None:
+        try:
+            result = fn()
+        except (UserError, OSError, ValueError, RuntimeError) as exc:  # re-raised on every rank below
+            log.error("%s failed: %s", what, exc)
+            error = f"rank {dist.get_rank()}: {exc}"
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (result, error))
+    errors = [e for _, e in gathered if e]
+    if errors:
+        raise RuntimeError(f"{what} failed: {'; '.join(errors)}")
+    return [r for r, _ in gathered]
 
-    unet = UNet2DConditionModel.from_pretrained(c.path, subfolder="unet", torch_dtype=torch.float32)
-    unet.requires_grad_(False)
-    torch.manual_seed(job.train.seed)  # the same initial adapter as a single-process run
-    adapters.attach(unet, job.adapter, adapters.UNET_TARGETS, "unet")
-    return unet.to(c.device)
+
+def _fresh_models(worker: Worker) -> dict[str, torch.nn.Module]:
+    """Copies of the adapted models (the UNet; the text encoder when it has an adapter) with the
+    adapters as Worker.setup initialised them from the job seed: a single-process run starts
+    from the same weights. Copies, because a ZeRO-3 engine partitions what it is given."""
+    models = {"unet": copy.deepcopy(worker.c.unet)}
+    if worker.train_te:
+        models["text_encoder"] = copy.deepcopy(worker.c.text_encoder)
+    for name, model in models.items():
+        adapters.restore(model, worker.init_state[name])
+    return models
+
+
+def _parts(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The adapted models inside what accelerate prepared, by checkpoint name."""
+    if isinstance(module, Joint):
+        return {"unet": module.unet, "text_encoder": module.text_encoder}
+    return {"unet": module}
 
 
 def _accelerator(job: JobConfig, device: torch.device):
@@ -78,28 +136,39 @@ def _accelerator(job: JobConfig, device: torch.device):
     on_gpu = device.type == "cuda"
     mixed = job.train.mixed_precision if on_gpu else "no"
     mixed = "bf16" if mixed == "auto" else mixed
+    # step_scheduler_with_optimizer=False: accelerate would otherwise step the LR schedule once per
+    # process at every step (it assumes a per-process data loader); here a step is one step of
+    # the global batch, and the schedule must run as in a single-process run
     if job.distributed.strategy == "deepspeed":
-        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(job, on_gpu))
-        return Accelerator(mixed_precision=mixed, deepspeed_plugin=plugin)
-    return Accelerator(mixed_precision=mixed, cpu=not on_gpu)
+        # no zero.Init: the models are built before the engine (which partitions them itself)
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(job, on_gpu), zero3_init_flag=False)
+        return Accelerator(mixed_precision=mixed, deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
+    return Accelerator(mixed_precision=mixed, cpu=not on_gpu, step_scheduler_with_optimizer=False)
 
 
-def _gathered_adapter(job: JobConfig, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The full adapter weights on every rank (a collective under ZeRO-3)."""
-    params = adapters.adapter_parameters(model)
-    if job.distributed.strategy == "deepspeed" and job.distributed.zero_stage == 3:
+def _zero3(job: JobConfig) -> bool:
+    return job.distributed.strategy == "deepspeed" and job.distributed.zero_stage == 3
+
+
+def _gathered_adapters(job: JobConfig, module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """The full adapter weights of every adapted model on every rank (a collective under ZeRO-3)."""
+    parts = _parts(module)
+    if _zero3(job):
         import deepspeed
 
+        params = [p for model in parts.values() for p in adapters.adapter_parameters(model)]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-            return adapters.adapter_state_dict(model)
-    return adapters.adapter_state_dict(model)
+            return {name: adapters.adapter_state_dict(model) for name, model in parts.items()}
+    return {name: adapters.adapter_state_dict(model) for name, model in parts.items()}
+
+
+def _optimizer_kind(job: JobConfig) -> str:
+    d = job.distributed
+    return CPU_ADAM if d.strategy == "deepspeed" and d.offload_optimizer else job.train.optimizer
 
 
 def run_data_parallel(job: JobConfig, env: WorkerEnv, preemption: Preemption, subjects: list[Subject],
                       device: torch.device, owner: str) -> list[Outcome]:
-    if job.adapter.text_encoder is not None:
-        raise ConfigError("a text-encoder adapter is not supported with distributed.strategy ddp/deepspeed yet; "
-                          "use strategy subject, or drop adapter.text_encoder")
     worker = Worker(job, env, preemption, device, owner)
     class_images = worker.setup(subjects)  # load and priors before any collective
     if job.distributed.strategy == "deepspeed":
@@ -153,60 +222,105 @@ def _run_subject(job, env, preemption, worker: Worker, accelerator, subject: Sub
     return result
 
 
+def _node_staging(env: WorkerEnv, staging: Path) -> dict[int, Path]:
+    """The staging folders of this node's ranks, by rank: the node's local rank 0 publishes them.
+    Ranks of other nodes stage on their own disks, never seen here."""
+    everyone = [None] * env.world_size
+    dist.all_gather_object(everyone, (env.node_rank, env.local_rank, str(staging)))
+    here = {rank: Path(path) for rank, (node, _, path) in enumerate(everyone) if node == env.node_rank}
+    leaders = [rank for rank, (node, local, _) in enumerate(everyone) if node == env.node_rank and local == 0]
+    if len(leaders) != 1:
+        raise RuntimeError(f"node {env.node_rank} has {len(leaders)} ranks of local rank 0 ({leaders}): the node "
+                           "rank (GROUP_RANK or NODE_RANK) must tell the nodes apart to publish checkpoints")
+    return here
+
+
 def _train(job, env, preemption, worker: Worker, accelerator, subject, class_images, steps, keeper) -> Outcome:
     c = worker.c
     t = job.train
     lr = subject.learning_rate or t.learning_rate
     subject_uri = ledger.subject_uri(worker.job_uri, subject.id)
     # rank 0 alone looks in the bucket (find_latest prunes incomplete checkpoints); every rank
-    # then fetches the same checkpoint itself, so nodes need not share a disk to resume
+    # then fetches what it needs of the same checkpoint itself, so nodes need not share a disk
     latest = _broadcast(checkpoint.find_latest(subject_uri) if env.is_main else None)
     with tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-resume-") as fetched:
-        resume = None
+        resume, engine = None, False
         if latest is not None:
-            storage.fetch_dir(latest, fetched)
+            manifest = checkpoint.fetch_for_rank(latest, Path(fetched), env.rank, all_parts=_elastic(job))
             resume = Path(fetched)
-        unet = _fresh_unet(job, c)
-        if resume is not None and (job.distributed.strategy != "deepspeed" or not (resume / ENGINE).is_dir()):
-            # DDP, or a checkpoint of a single-process run (the optimizer then starts anew): the
-            # adapter comes from the contract file; DeepSpeed restores it from its own checkpoint
-            adapters.load_adapter_state_dict(unet, checkpoint.read_local(resume)[0]["unet"])
-        params = adapters.adapter_parameters(unet)
-        optimizer = _client_optimizer(job, params, lr, c.device)
-        scheduler = build_lr_scheduler(optimizer, t, steps)
-        model, optimizer, scheduler = accelerator.prepare(unet, optimizer, scheduler)
+            states, trainer_state = checkpoint.read_local(resume)
+            engine = _engine_usable(job, env, resume, trainer_state, manifest)
+        models = _fresh_models(worker)
+        if resume is not None and (job.distributed.strategy != "deepspeed" or not engine):
+            # DDP, or a checkpoint the engine cannot load (a single-process run's, another strategy
+            # or world size): the adapters come from the contract files; DeepSpeed restores them
+            # from its own checkpoint otherwise
+            for name, model in models.items():
+                if name not in states:
+                    raise ValueError(f"checkpoint {latest.rsplit('/', 1)[-1]} has no {name} adapter")
+                adapters.load_adapter_state_dict(model, states[name])
+        groups = [{"params": adapters.adapter_parameters(models["unet"]), "lr": lr}]
+        if "text_encoder" in models:
+            groups.append({"params": adapters.adapter_parameters(models["text_encoder"]),
+                           "lr": t.text_encoder_learning_rate or lr})
+        params = [p for g in groups for p in g["params"]]
+        module = Joint(models["unet"], models["text_encoder"]) if "text_encoder" in models else models["unet"]
+        client = _client_optimizer(job, groups, c.device)
+        scheduler = build_lr_scheduler(client, t, steps)
+        model, optimizer, scheduler = accelerator.prepare(module, client, scheduler)
+        if job.distributed.strategy == "deepspeed":
+            if model.basic_optimizer is not client:  # the schedule would drive an optimizer nobody steps
+                raise RuntimeError(f"DeepSpeed replaced the optimizer ({type(client).__name__} by "
+                                   f"{type(model.basic_optimizer).__name__}); check distributed.deepspeed_config "
+                                   "(zero_force_ds_cpu_optimizer must stay false under offload_optimizer)")
+            log.info("DeepSpeed ZeRO-%d engine: %s over %s, optimizer offloaded to the CPU: %s",
+                     model.zero_optimization_stage(), type(model.optimizer).__name__,
+                     type(model.basic_optimizer).__name__, model.zero_cpu_offload())
         seed = subject_seed(t.seed, subject.id)
         torch.manual_seed(seed)
         gen = torch.Generator(c.device).manual_seed(seed)
         step = 0
+        metrics: list[str] = []  # metrics.jsonl lines (rank 0), carried through checkpoints
         if resume is not None:
-            trainer_state = checkpoint.read_local(resume)[1]
-            if (resume / ENGINE).is_dir():
+            if (resume / "metrics.jsonl").exists():
+                metrics = (resume / "metrics.jsonl").read_text().splitlines()
+            if engine:
                 _load_engine(job, model, optimizer, resume / ENGINE)
-            scheduler.load_state_dict(trainer_state["scheduler"])
+            scheduler.load_state_dict(trainer_state.get("scheduler") or trainer_state["stepper"]["lr_scheduler"])
             checkpoint.set_rng_state(trainer_state["rng"], gen)
             step = trainer_state["step"]
             log.info("subject %s: resuming from %s at step %d/%d", subject.id, latest.rsplit("/", 1)[-1], step, steps)
-    view = dataclasses.replace(c, unet=model)
-    data = prepare_subject(c, job, subject, image_uris(subject), class_images, False)
+    train_te = worker.train_te
+    view = dataclasses.replace(c, unet=model, text_encoder=_TokenIds(c.device)) if train_te else \
+        dataclasses.replace(c, unet=model)
+    data = prepare_subject(c, job, subject, image_uris(subject), class_images, train_te)
     shard = (env.rank, env.world_size)
     amp = _Autocast(accelerator)
-    worker.progress.start_subject(subject.id, steps)
-    # one staging folder for the engine's per-rank files, chosen by rank 0 (ranks on other nodes
-    # write their shards to the same path on their own disk; see the module docstring)
-    staging = Path(_broadcast(tempfile.mkdtemp(prefix=f"dreamfleet-{subject.id}-ckpt-") if env.is_main else None))
+    worker.progress.start_subject(subject.id, steps, step)
+    # each rank stages its engine files on its own disk; the node's local rank 0 publishes them
+    staging = Path(tempfile.mkdtemp(prefix=f"dreamfleet-{subject.id}-ckpt-rank{env.rank}-"))
+    log.info("subject %s: rank %d stages checkpoints in %s", subject.id, env.rank, staging)
+    node_staging = _node_staging(env, staging)
+
+    def save_checkpoint() -> None:
+        _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step, node_staging, subject_uri,
+                         metrics)
+
     model.train()
-    last = torch.zeros((), device=c.device)
+    pending: list[torch.Tensor] = []  # losses since the last log line, read in one go
+    final_loss = None
+    started = time.perf_counter()
     try:
         while step < steps:
             stop = torch.tensor(int(preemption.requested), device=c.device)
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops at the same step
             if stop.item():
-                _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step, staging, subject_uri)
+                save_checkpoint()
                 if keeper:
                     keeper.update(state="pending", step=step, error="preempted; resumes from its checkpoint")
                 return Outcome(subject.id, "preempted", f"checkpointed at step {step}")
-            loss = diffusion_loss(view, job, data, gen, amp, False, shard=shard)
+            loss = diffusion_loss(view, job, data, gen, amp, train_te, shard=shard)
+            lr_now = scheduler.get_last_lr()[0]
             accelerator.backward(loss)
             if t.max_grad_norm > 0 and job.distributed.strategy != "deepspeed":
                 accelerator.clip_grad_norm_(params, t.max_grad_norm)
@@ -214,49 +328,108 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            last = loss.detach()
+            pending.append(loss.detach())
             if keeper:
                 keeper.status.step = step  # picked up by the next heartbeat
             if step % t.log_every == 0 or step == steps:
-                value = last.clone()
-                dist.all_reduce(value)
-                worker.progress.step(step, steps, value.item() / env.world_size)
+                losses = torch.stack(pending)
+                pending.clear()
+                summary = torch.stack([losses.mean(), losses[-1]])
+                dist.all_reduce(summary)  # the mean over the ranks: the loss of the global batch
+                mean_loss, final_loss = (summary / env.world_size).tolist()
+                worker.progress.step(step, steps, mean_loss)
+                if env.is_main:
+                    metrics.append(json.dumps({"step": step, "loss": round(mean_loss, 6), "last_loss": round(final_loss, 6),
+                                               "lr": lr_now, "elapsed_s": round(time.perf_counter() - started, 3)}))
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
-                _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step, staging, subject_uri)
+                save_checkpoint()
     finally:
         dist.barrier()
-        if env.is_main:
-            shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
     worker.progress.end_subject()
-    state = _gathered_adapter(job, accelerator.unwrap_model(model))
-    final_loss = float(last.item())
+    states = _gathered_adapters(job, accelerator.unwrap_model(model))
     if not _broadcast(keeper.held() if env.is_main else None):
         return Outcome(subject.id, "skipped", "taken over by another worker; not published")
     if env.is_main:
-        _publish(job, worker, subject, state, steps)
+        _publish(worker, subject, states, steps, metrics)
         keeper.update(state="done", step=steps, final_loss=final_loss, finished_at=time.time())
     dist.barrier()
     return Outcome(subject.id, "done", f"{steps} steps", final_loss)
 
 
-def _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step: int, staging: Path,
-                     subject_uri: str) -> None:
-    """A collective: every rank writes its engine state (DeepSpeed: its optimizer shard) and the
-    gathered adapter goes beside it in the contract's checkpoint format; rank 0 publishes."""
-    local = staging / checkpoint.step_name(step)
-    _save_engine(job, env, model, optimizer, local / ENGINE)
-    state = _gathered_adapter(job, accelerator.unwrap_model(model))
-    dist.barrier()  # every rank's files are written before rank 0 uploads the folder
+def _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step: int, staging: dict[int, Path],
+                     subject_uri: str, metrics: list[str]) -> None:
+    """A collective. Every rank writes its engine files (DeepSpeed: its optimizer shard) into its
+    own staging folder; each node's local rank 0 publishes the parts of its node's ranks; then
+    rank 0 publishes the gathered adapters and the trainer state, the folder's manifest last."""
+    name = checkpoint.step_name(step)
+    target = checkpoint.step_uri(subject_uri, step)
+    _save_engine(job, env, model, optimizer, staging[env.rank] / name)
+    states = _gathered_adapters(job, accelerator.unwrap_model(model))
     if env.is_main:
-        checkpoint.write_local(local, {"unet": state}, {"step": step, "rng": checkpoint.rng_state(gen),
-                                                        "scheduler": scheduler.state_dict(),
-                                                        "strategy": job.distributed.strategy})
-        checkpoint.publish(local, subject_uri, step, job.train.keep_checkpoints)
-        shutil.rmtree(local, ignore_errors=True)
-    dist.barrier()
+        checkpoint.unpublish(target)  # the same step written again: no manifest may vouch for old parts
+    dist.barrier()  # every rank's engine files are written
+
+    def publish_node_parts() -> list[int]:
+        published = []
+        for rank, root in sorted(staging.items()):
+            part = root / name
+            if part.is_dir() and any(p.is_file() for p in part.rglob("*")):
+                checkpoint.publish_engine_part(part, target, rank)
+                published.append(rank)
+        log.info("checkpoint %s: node %d published the engine files of rank(s) %s", name, env.node_rank,
+                 ", ".join(map(str, published)) or "-")
+        return published
+
+    parts = _on_ranks(publish_node_parts if env.is_local_main else None, f"publishing the engine parts of {name}")
+    engine_ranks = sorted(rank for published in parts if published for rank in published)
+
+    def publish_adapters() -> None:
+        local = staging[env.rank] / "adapters" / name
+        checkpoint.write_local(local, states, {"step": step, "rng": checkpoint.rng_state(gen),
+                                               "scheduler": scheduler.state_dict(),
+                                               "strategy": job.distributed.strategy,
+                                               "zero_stage": job.distributed.zero_stage,
+                                               "optimizer": _optimizer_kind(job)})
+        if metrics:
+            (local / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+        checkpoint.publish(local, subject_uri, step, job.train.keep_checkpoints,
+                           extra={"engine_ranks": engine_ranks, "world_size": env.world_size})
+
+    try:
+        _on_ranks(publish_adapters if env.is_main else None, f"publishing checkpoint {name}")
+    finally:
+        shutil.rmtree(staging[env.rank] / name, ignore_errors=True)
+        shutil.rmtree(staging[env.rank] / "adapters", ignore_errors=True)
 
 
-def _client_optimizer(job: JobConfig, params, lr: float, device: torch.device):
+def _elastic(job: JobConfig) -> bool:
+    """Whether DeepSpeed reads every rank's optimizer shard on load (an elastic checkpoint)."""
+    if job.distributed.strategy != "deepspeed":
+        return False
+    return bool(deepspeed_config(job, False)["zero_optimization"].get("elastic_checkpoint", False))
+
+
+def _engine_usable(job: JobConfig, env: WorkerEnv, resume: Path, trainer_state: dict, manifest: dict) -> bool:
+    """Whether this run's engine can load the checkpoint's engine state. When it cannot, the
+    adapters resume from the contract files and the optimizer starts anew; the log says why."""
+    if not (resume / ENGINE).is_dir():
+        log.info("checkpoint has no engine state (a single-process run's?): the optimizer starts anew")
+        return False
+    d = job.distributed
+    wrote = (trainer_state.get("strategy"), trainer_state.get("zero_stage", d.zero_stage),
+             trainer_state.get("optimizer", _optimizer_kind(job)), manifest.get("world_size", env.world_size))
+    runs = (d.strategy, d.zero_stage, _optimizer_kind(job), env.world_size)
+    if d.strategy == "ddp":  # DDP's optimizer state is the same on every rank and any world size
+        wrote, runs = wrote[:1] + wrote[2:3], runs[:1] + runs[2:3]
+    if wrote != runs:
+        log.warning("checkpoint engine state was written by (strategy, zero stage, optimizer, world size) %s, this run "
+                    "is %s: the adapters resume, the optimizer state starts anew", wrote, runs)
+        return False
+    return True
+
+
+def _client_optimizer(job: JobConfig, groups: list[dict], device: torch.device):
     """The job's optimizer, except under ZeRO-Offload: the step runs on the host there, so it is
     DeepSpeed's CPU Adam (what `launcher validate` announces for an 8-bit optimizer)."""
     d, t = job.distributed, job.train
@@ -265,9 +438,9 @@ def _client_optimizer(job: JobConfig, params, lr: float, device: torch.device):
 
         if t.optimizer != "adamw":
             log.warning("train.optimizer=%s replaced by DeepSpeed's CPU Adam under ZeRO-Offload", t.optimizer)
-        return DeepSpeedCPUAdam(params, lr=lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay,
-                                adamw_mode=True)
-    return build_optimizer([{"params": params, "lr": lr}], t, device)
+        return DeepSpeedCPUAdam(groups, lr=groups[0]["lr"], betas=tuple(t.betas), eps=t.eps,
+                                weight_decay=t.weight_decay, adamw_mode=True)
+    return build_optimizer(groups, t, device)
 
 
 def _save_engine(job, env, model, optimizer, directory: Path) -> None:
@@ -282,7 +455,7 @@ def _save_engine(job, env, model, optimizer, directory: Path) -> None:
 
 def _load_engine(job, model, optimizer, directory: Path) -> None:
     if job.distributed.strategy == "deepspeed":
-        # the module file holds only the adapter (frozen weights excluded), hence not strict
+        # the module file holds only the adapters (frozen weights excluded), hence not strict
         loaded, _ = model.load_checkpoint(str(directory), tag=ENGINE_TAG, load_module_strict=False)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint '{ENGINE_TAG}' in {directory}")
@@ -290,16 +463,15 @@ def _load_engine(job, model, optimizer, directory: Path) -> None:
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=False))
 
 
-def _publish(job, worker: Worker, subject: Subject, state: dict, steps: int) -> None:
-    """Export from an unpartitioned copy of the base carrying the gathered adapter: the same
-    files, samples included, as a single-process run writes."""
-    unet = _fresh_unet(job, worker.c)
-    adapters.load_adapter_state_dict(unet, state)
-    unet.eval()
-    saved = worker.c
-    worker.c = dataclasses.replace(saved, unet=unet)
-    try:
-        with tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
-            worker.publish(subject, Path(tmp), steps)
-    finally:
-        worker.c = saved
+def _publish(worker: Worker, subject: Subject, states: dict[str, dict[str, torch.Tensor]], steps: int,
+             metrics: list[str]) -> None:
+    """Export from the worker's own (never partitioned) models carrying the gathered adapters:
+    the same files, samples included, as a single-process run writes. Later subjects train
+    fresh copies whose adapters are reset, so these weights go nowhere else."""
+    models = {"unet": worker.c.unet, "text_encoder": worker.c.text_encoder}
+    for name, state in states.items():
+        adapters.load_adapter_state_dict(models[name], state)
+    with tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
+        if metrics:
+            (Path(tmp) / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+        worker.publish(subject, Path(tmp), steps)

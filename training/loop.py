@@ -187,11 +187,7 @@ def _adapter_states(c: Components, train_text_encoder: bool) -> dict[str, dict[s
 def _save_checkpoint(c, stepper, gen, step, work: Path, subject_uri: str, keep: int, train_te: bool, metrics: Path,
                      uploader: checkpoint.Uploader) -> None:
     """Write the checkpoint locally (on the training path), then upload it in the background."""
-    local = work / "checkpoint" / checkpoint.step_name(step)
-    state = {"step": step, "stepper": stepper.state_dict(), "rng": checkpoint.rng_state(gen)}
-    checkpoint.write_local(local, _adapter_states(c, train_te), state)
-    if metrics.exists():
-        (local / "metrics.jsonl").write_bytes(metrics.read_bytes())
+    local = checkpoint.stage(work, step, _adapter_states(c, train_te), stepper.state_dict(), gen, metrics)
     uploader.submit(local, subject_uri, step, keep)
 
 
@@ -210,22 +206,17 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
     metrics.unlink(missing_ok=True)
 
     step, resumed_from = 0, None
-    latest = checkpoint.find_latest(subject_uri)
-    if latest is not None:
-        states, trainer_state = checkpoint.fetch(latest)
-        adapters.load_adapter_state_dict(c.unet, states["unet"])
+    resumed = checkpoint.resume(subject_uri)
+    if resumed is not None:
+        adapters.load_adapter_state_dict(c.unet, resumed.adapters["unet"])
         if train_te:
-            adapters.load_adapter_state_dict(c.text_encoder, states["text_encoder"])
-        stepper.load_state_dict(trainer_state["stepper"])
-        checkpoint.set_rng_state(trainer_state["rng"], gen)
-        step = resumed_from = trainer_state["step"]
-        from launcher import storage
-
-        try:
-            metrics.write_bytes(storage.read_bytes(storage.join(latest, "metrics.jsonl")))
-        except FileNotFoundError:
-            pass
-        log.info("subject %s: resuming from %s at step %d/%d", subject.id, latest.rsplit("/", 1)[-1], step, steps)
+            adapters.load_adapter_state_dict(c.text_encoder, resumed.adapters["text_encoder"])
+        stepper.load_state_dict(resumed.trainer_state["stepper"])
+        checkpoint.set_rng_state(resumed.trainer_state["rng"], gen)
+        step = resumed_from = resumed.step
+        if resumed.metrics is not None:
+            metrics.write_bytes(resumed.metrics)
+        log.info("subject %s: resuming from %s at step %d/%d", subject.id, resumed.name, step, steps)
 
     c.unet.train()
     if train_te:

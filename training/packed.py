@@ -140,6 +140,17 @@ def slot_state_dict(packed: dict[str, PackedLora], slot: int) -> dict[str, torch
     return out
 
 
+@torch.no_grad()
+def load_slot(packed: dict[str, PackedLora], slot: int, state: dict[str, torch.Tensor]) -> None:
+    """Put one subject's adapter (peft's key format, as `slot_state_dict` writes it) into a slot."""
+    missing = [f"{path}.lora_{ab}.weight" for path in packed for ab in "AB" if f"{path}.lora_{ab}.weight" not in state]
+    if missing:
+        raise ValueError(f"checkpoint does not fit the packed adapter: {len(missing)} key(s) missing, e.g. {missing[0]}")
+    for path, layer in packed.items():
+        layer.lora_A[slot].copy_(state[f"{path}.lora_A.weight"])
+        layer.lora_B[slot].copy_(state[f"{path}.lora_B.weight"])
+
+
 def auto_pack(device: torch.device, resolution: int, batch_rows: int, cpu_default: int = 4, max_pack: int = 16) -> int:
     """`train.pack: auto`. On GPU: free memory over a per-sample estimate (about 2.5 GiB of
     activations per 512 px sample for an SD 1.5 UNet, scaled by area), capped at `max_pack`.

@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from launcher import ledger
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError, UserError
 from launcher.subjects import image_uris
-from training import adapters, lease, packed
+from training import adapters, checkpoint, lease, packed
 from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
 from training.lease import StatusKeeper
 from training.runner import Outcome, Worker
@@ -69,6 +70,7 @@ class Slot:
     work: tempfile.TemporaryDirectory | None = None
     metrics: object = None
     started: float = 0.0
+    resumed_from: int | None = None
 
 
 class PackedTrainer:
@@ -140,6 +142,21 @@ class PackedTrainer:
             p.grad = None
         return finished
 
+    def restore(self, slot: int, resumed: checkpoint.Resume) -> None:
+        """Continue a subject from its checkpoint (a packed slot's or a single run's)."""
+        s = self.slots[slot]
+        packed.load_slot(self.layers, slot, resumed.adapters["unet"])
+        s.stepper.load_state_dict(resumed.trainer_state["stepper"])
+        s.gen.set_state(resumed.trainer_state["rng"]["generator"])
+        s.step = s.resumed_from = resumed.step
+
+    def stage_checkpoint(self, slot: int) -> Path:
+        s = self.slots[slot]
+        s.metrics.flush()
+        work = Path(s.work.name)
+        return checkpoint.stage(work, s.step, {"unet": packed.slot_state_dict(self.layers, slot)},
+                                s.stepper.state_dict(), s.gen, work / "metrics.jsonl")
+
     def close(self) -> None:
         packed.uninstall(self.c.unet, self.layers)
 
@@ -163,6 +180,8 @@ def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[
         c.unet.enable_gradient_checkpointing()
     queue = list(subjects)
     outcomes: list[Outcome] = []
+    uploader = checkpoint.Uploader()
+    every, keep = job.train.checkpoint_every, job.train.keep_checkpoints
     try:
         while True:
             for slot in range(num_slots):
@@ -171,17 +190,17 @@ def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[
             if all(s is None for s in trainer.slots):
                 break
             if worker.preemption.requested:
-                for i, s in enumerate(trainer.slots):
-                    if s is not None:
-                        s.keeper.update(state="pending", step=s.step, error="preempted; packed runs restart")
-                        _close_slot(trainer, i)
-                        outcomes.append(Outcome(s.subject.id, "preempted", f"stopped at step {s.step}"))
+                _preempt(worker, trainer, uploader, outcomes)
                 outcomes += [Outcome(s.id, "preempted", "not started") for s in queue]
                 break
             finished = trainer.step()
             for i, s in enumerate(trainer.slots):
                 if s is not None:
                     _log(s, job)
+                    if every and s.step % every == 0 and s.step < s.steps:
+                        uploader.submit(trainer.stage_checkpoint(i), _subject_uri(worker, s), s.step, keep)
+            if finished:
+                uploader.wait()  # a subject's adapter never lands before its last checkpoint
             for i in finished:
                 _finish(worker, trainer, i, outcomes)
     finally:
@@ -190,6 +209,23 @@ def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[
         trainer.close()
         c.unet.eval()
     return outcomes
+
+
+def _subject_uri(worker: Worker, s: Slot) -> str:
+    return ledger.subject_uri(worker.job_uri, s.subject.id)
+
+
+def _preempt(worker: Worker, trainer: PackedTrainer, uploader: checkpoint.Uploader, outcomes: list[Outcome]) -> None:
+    """Checkpoint every live slot, wait until the checkpoints are in the bucket, hand the subjects back."""
+    job = worker.job
+    for i, s in enumerate(trainer.slots):
+        if s is None:
+            continue
+        uploader.submit(trainer.stage_checkpoint(i), _subject_uri(worker, s), s.step, job.train.keep_checkpoints)
+        uploader.wait()
+        s.keeper.update(state="pending", step=s.step, error="preempted; resumes from its checkpoint")
+        _close_slot(trainer, i)
+        outcomes.append(Outcome(s.subject.id, "preempted", f"checkpointed at step {s.step}"))
 
 
 def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
@@ -211,7 +247,13 @@ def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
             raise
         return
     s.keeper, s.work, s.started = keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-"), time.perf_counter()
-    s.metrics = open(Path(s.work.name) / "metrics.jsonl", "w")
+    s.metrics = open(Path(s.work.name) / "metrics.jsonl", "wb")
+    resumed = checkpoint.resume(ledger.subject_uri(worker.job_uri, subject.id))
+    if resumed is not None:
+        trainer.restore(slot, resumed)
+        s.metrics.write(resumed.metrics or b"")
+        log.info("subject %s: resuming from %s at step %d/%d in packed slot %d", subject.id, resumed.name, s.step,
+                 s.steps, slot)
 
 
 def _log(s: Slot, job: JobConfig) -> None:
@@ -224,7 +266,7 @@ def _log(s: Slot, job: JobConfig) -> None:
             "last_loss": round(s.last_loss, 6), "grad_norm": round(values[-1][1], 6), "lr": s.pending[-1][1],
             "elapsed_s": round(time.perf_counter() - s.started, 3)}
     s.pending.clear()
-    s.metrics.write(json.dumps(line) + "\n")
+    s.metrics.write((json.dumps(line) + "\n").encode())
     s.metrics.flush()
 
 

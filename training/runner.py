@@ -65,7 +65,7 @@ class Worker:
         if self.train_te:
             adapters.attach(self.c.text_encoder, job.adapter.text_encoder, adapters.TEXT_ENCODER_TARGETS, "text_encoder")
             self.init_state["text_encoder"] = adapters.snapshot(self.c.text_encoder)
-        if job.train.compile and self.device.type == "cuda":
+        if job.train.compile:
             self.c.unet.compile()  # in place: parameter names (and so adapter keys) stay the same
         return class_images
 

@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.subjects import resolve_subjects
 
         job = load_job(args.job)
+        from launcher.errors import ConfigError
+        from launcher.validate import unsupported
+
+        if problems := unsupported(job):  # the launcher says so first; a hand-made job file meets it here
+            raise ConfigError(f"{args.job} cannot run", problems)
         plan = _load_plan(args.plan, args.job)
         if plan is not None and env.rank == 0 and env.shard_index == 0:
             from launcher import storage
