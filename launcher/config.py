@@ -134,7 +134,7 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep per subject.")
     log_every: int = Field(10, gt=0, description="Write a metrics line (and a log line off-terminal) every N steps.")
     pack: int | Literal["auto"] = Field(1, description="Subjects trained together in one batch on one frozen base (1: one at a time; 'auto' on GPU picks from free memory).")
-    compile: bool = Field(False, description="torch.compile the UNet: faster steps after a one-time compile (minutes on CPU; later runs reuse the compile cache in TORCHINDUCTOR_CACHE_DIR).")
+    compile: bool = Field(False, description="torch.compile the UNet after a one-time compile (later runs reuse TORCHINDUCTOR_CACHE_DIR). Meant for GPUs; on CPU at the tiny model's shape it measured no faster (benchmarks/RESULTS.md).")
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="Validation images rendered after training.")
 
     @field_validator("pack")

@@ -58,6 +58,9 @@ def unsupported(job: JobConfig) -> list[str]:
         if getattr(d, offload) and d.strategy != "deepspeed":
             errors.append(f"distributed.{offload}: offloading is done by DeepSpeed and needs distributed.strategy "
                           f"deepspeed, got {d.strategy}")
+    if job.train.compile and job.train.pack != 1:
+        errors.append("train.compile cannot be combined with train.pack: the packed layers' routing changes shape "
+                      "as subjects join and leave the pack, and every change would recompile the UNet")
     if d.strategy in ("ddp", "deepspeed") and job.train.gradient_accumulation > 1:
         errors.append(f"train.gradient_accumulation={job.train.gradient_accumulation} is not supported with "
                       f"distributed.strategy {d.strategy} yet: raise train.batch_size or add processes instead "

@@ -62,3 +62,9 @@ def test_gradient_accumulation_is_refused_and_checkpointing_noted_under_data_par
         proc = run_worker(path, timeout=120)
         assert proc.returncode == 2 and "gradient_accumulation=2 is not supported" in proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_compile_with_a_pack_is_refused():
+    errors, _ = check_job(job(train={"compile": True, "pack": 4}), check_inputs=False)
+    assert len(errors) == 1 and "train.compile cannot be combined with train.pack" in errors[0]
+    assert check_job(job(train={"compile": True}), check_inputs=False)[0] == []
