@@ -106,13 +106,17 @@ class Claim:
     at: float
 
 
+def _claim_uri(claims: str, seq: int) -> str:
+    return storage.join(claims, f"{seq:06d}.json")
+
+
 def latest_claim(claims: str) -> Claim | None:
     """The highest-numbered claim in a claims folder (a subject's, or a prior set's lock)."""
     seqs = [int(n[:-5]) for n in storage.list_names(claims) if n.endswith(".json") and n[:-5].isdigit()]
     if not seqs:
         return None
     seq = max(seqs)
-    data = storage.read_json(storage.join(claims, f"{seq:06d}.json")) or {}
+    data = storage.read_json(_claim_uri(claims, seq)) or {}
     return Claim(seq, data.get("owner", "?"), float(data.get("at", 0)))
 
 
@@ -120,14 +124,14 @@ def try_claim(claims: str, seq: int, owner: str) -> Claim | None:
     """Create claim `seq`; the Claim if this call created it, None if another worker has it."""
     at = time.time()
     body = json.dumps({"owner": owner, "at": at, "nonce": uuid.uuid4().hex}, sort_keys=True).encode()
-    created = storage.create_exclusive(storage.join(claims, f"{seq:06d}.json"), body)
+    created = storage.create_exclusive(_claim_uri(claims, seq), body)
     return Claim(seq, owner, at) if created else None
 
 
 def refresh_claim(claims: str, claim: Claim) -> None:
     """The holder's heartbeat on a claim (only the holder ever writes its own claim file)."""
     body = {"owner": claim.owner, "at": time.time(), "nonce": uuid.uuid4().hex}
-    storage.write_json(storage.join(claims, f"{claim.seq:06d}.json"), body)
+    storage.write_json(_claim_uri(claims, claim.seq), body)
 
 
 def holds(claims: str, claim: Claim) -> bool:

@@ -72,7 +72,7 @@ def test_submit_weighs_images_keeps_the_earlier_plan_and_writes_it_beside_the_jo
     plan = gather_shard_plan(job, list(job.subjects))
     assert plan.work["p0"] == 4 + 6 and plan.work["p1"] == 4 + 1
     assert plan.load() == [10, 15] or plan.load() == [15, 10]
-    job_file, plan_file, _ = write_job_files(job, list(job.subjects), tmp_path / "r", plan)
+    job_file, plan_file = write_job_files(job, list(job.subjects), tmp_path / "r", plan)
     assert plan_file == job_file.with_name("plan.json")
     assert json.loads(plan_file.read_text())["subjects"]["p0"] == {"shard": plan.shard("p0"), "work": 10}
     # the worker publishes the plan to the output; the next submit keeps those placements

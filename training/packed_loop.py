@@ -70,7 +70,6 @@ class Slot:
     work: tempfile.TemporaryDirectory | None = None
     metrics: object = None
     started: float = 0.0
-    resumed_from: int | None = None
 
 
 class PackedTrainer:
@@ -148,7 +147,7 @@ class PackedTrainer:
         packed.load_slot(self.layers, slot, resumed.adapters["unet"])
         s.stepper.load_state_dict(resumed.trainer_state["stepper"])
         s.gen.set_state(resumed.trainer_state["rng"]["generator"])
-        s.step = s.resumed_from = resumed.step
+        s.step = resumed.step
 
     def stage_checkpoint(self, slot: int) -> Path:
         s = self.slots[slot]

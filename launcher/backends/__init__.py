@@ -73,12 +73,12 @@ def gather_shard_plan(job: JobConfig, subjects: list[Subject]) -> ShardPlan:
 
 
 def write_job_files(job: JobConfig, subjects: list[Subject], out_dir: Path,
-                    plan: ShardPlan | None = None) -> tuple[Path, Path, ShardPlan]:
+                    plan: ShardPlan | None = None) -> tuple[Path, Path]:
     """The resolved job file and the shard plan beside it (the worker reads both)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    plan = plan or shard_plan(job, subjects, {})
+    plan = plan or shard_plan(job, subjects, {})  # without storage: balanced by steps
     job_file = (out_dir / "job.yaml").absolute()
     job_file.write_text(dump_job(job))
     plan_file = out_dir.absolute() / PLAN_FILE
     plan_file.write_text(plan.to_json())
-    return job_file, plan_file, plan
+    return job_file, plan_file

@@ -34,7 +34,7 @@ def worker_env(job: JobConfig, subjects: list[Subject]) -> dict[str, str]:
 
 
 def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
-    job_file, plan_file, _ = write_job_files(job, subjects, out_dir, shard_plan)
+    job_file, plan_file = write_job_files(job, subjects, out_dir, shard_plan)
     env = worker_env(job, subjects)
     lines = ["#!/usr/bin/env bash", "set -euo pipefail"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in env.items()]

@@ -18,7 +18,7 @@ SCRIPT = "job.sbatch"
 
 
 def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
-    job_file, plan_file, _ = write_job_files(job, subjects, out_dir, shard_plan)
+    job_file, plan_file = write_job_files(job, subjects, out_dir, shard_plan)
     script = out_dir / SCRIPT
     script.write_text(render_sbatch(job, make_plan(job, len(subjects)), str(job_file)))
     return [job_file, plan_file, script]
