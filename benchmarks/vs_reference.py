@@ -6,7 +6,8 @@ same model, images, resolution, batch, rank, targets, steps and seed, in one run
         [--set train.compile=true] [--batch-set train.pack=4]
 
 The reference script is not shipped: point to your copy. Both trainers run as fresh processes
-with the same Python (so the same torch), repetitions alternate which goes first, and:
+with the same Python (so the same torch), runs interleave (both short runs, then both long
+ones; repetitions alternate which trainer goes first), and:
 
 - steps/s is marginal: (N_long - N_short) / (T_long - T_short) over whole-process wall times,
   the same definition for both trainers, with start-up and saving cancelled out;
@@ -141,21 +142,25 @@ def run(args) -> dict:
     work = args.out.resolve()
     work.mkdir(parents=True, exist_ok=True)
     model, images = prepare(args, work)
-    gpu = args.mixed_precision != "no"
+    gpu = shutil.which("nvidia-smi") is not None  # peak GPU memory is polled wherever a GPU is
     makers = {"dreamfleet": ours_command, "reference": reference_command}
     samples: dict[str, list[dict]] = {name: [] for name in makers}
     short, long = args.steps
     for rep in range(args.reps):
+        # interleaved (A short, B short, A long, B long; the order flips every rep), so that a
+        # shared machine's drift in speed lands on both trainers alike
         order = list(makers) if rep % 2 == 0 else list(reversed(makers))
-        for name in order:
-            res = {}
-            for steps in (short, long):
+        res: dict[str, dict[int, dict]] = {name: {} for name in makers}
+        for steps in (short, long):
+            for name in order:
                 out = work / f"{name}-{rep}-{steps}"
                 shutil.rmtree(out, ignore_errors=True)
-                res[steps] = timed(makers[name](args, model, images, steps, out), work / f"{out.name}.log", gpu)
-            sample = {"steps_per_s": (long - short) / (res[long]["wall_s"] - res[short]["wall_s"]),
-                      "s_per_subject": res[long]["wall_s"], "rss_mib": res[long]["rss_mib"], "gpu_mib": res[long]["gpu_mib"],
-                      "s_per_subject_batch": res[long]["wall_s"]}
+                res[name][steps] = timed(makers[name](args, model, images, steps, out), work / f"{out.name}.log", gpu)
+        for name in order:
+            r = res[name]
+            sample = {"steps_per_s": (long - short) / (r[long]["wall_s"] - r[short]["wall_s"]),
+                      "s_per_subject": r[long]["wall_s"], "rss_mib": r[long]["rss_mib"], "gpu_mib": r[long]["gpu_mib"],
+                      "s_per_subject_batch": r[long]["wall_s"]}
             if name == "dreamfleet" and args.subjects > 1:
                 out = work / f"{name}-{rep}-{long}-x{args.subjects}"
                 shutil.rmtree(out, ignore_errors=True)

@@ -93,14 +93,15 @@ def subjects_for_shard(subjects: list[Subject], shard_index: int, num_shards: in
     return [s for s in subjects if shard_of(s.id, num_shards) == shard_index]
 
 
-def subjects_for_rank(subjects: list[Subject], rank: int, world_size: int, strategy: str,
+def subjects_for_rank(job: JobConfig, subjects: list[Subject], rank: int, world_size: int,
                       work: dict[str, int] | None = None) -> list[Subject]:
     """Subject-parallel: each rank takes a disjoint, work-balanced set of the shard's subjects.
-    Data-parallel strategies: every rank works on every subject of the shard together."""
+    Data-parallel strategies: every rank works on every subject of the shard together. A
+    subject the plan's `work` lacks is weighed like a planned one, its images not counted."""
     ordered = sorted(subjects, key=lambda s: s.id)
-    if strategy != "subject":
+    if job.distributed.strategy != "subject":
         return ordered
-    weights = {s.id: (work or {}).get(s.id, s.steps or 1) for s in ordered}
+    weights = {s.id: (work or {}).get(s.id) or subject_work(job, s, 0) for s in ordered}
     ranks = deal(weights, world_size)
     return [s for s in ordered if ranks[s.id] == rank]
 

@@ -41,9 +41,6 @@ def notes_for(job: JobConfig) -> list[str]:
                      "~/.cache/torch_extensions) unless the image has it prebuilt (DS_BUILD_CPU_ADAM=1)")
     if t.optimizer == "paged_adamw8bit":
         notes.append("train.optimizer=paged_adamw8bit pages state only on GPU; on CPU it runs as AdamW8bit")
-    if t.gradient_checkpointing and d.strategy in ("ddp", "deepspeed"):
-        notes.append(f"train.gradient_checkpointing is not applied with distributed.strategy {d.strategy} yet: "
-                     "activations are kept (ZeRO shards optimizer state, not activations)")
     if t.compile:
         notes.append("train.compile: a worker's first subject waits for the compile (minutes on CPU); put "
                      "TORCHINDUCTOR_CACHE_DIR on persistent storage so later runs reuse it")
@@ -61,6 +58,9 @@ def unsupported(job: JobConfig) -> list[str]:
     if job.train.compile and job.train.pack != 1:
         errors.append("train.compile cannot be combined with train.pack: the packed layers' routing changes shape "
                       "as subjects join and leave the pack, and every change would recompile the UNet")
+    if d.strategy != "subject" and job.train.pack != 1:
+        errors.append(f"train.pack={job.train.pack} needs distributed.strategy subject (each rank packs its own "
+                      f"subjects), got {d.strategy}: a data-parallel run trains one subject at a time")
     if d.strategy in ("ddp", "deepspeed") and job.train.gradient_accumulation > 1:
         errors.append(f"train.gradient_accumulation={job.train.gradient_accumulation} is not supported with "
                       f"distributed.strategy {d.strategy} yet: raise train.batch_size or add processes instead "

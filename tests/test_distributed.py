@@ -27,14 +27,19 @@ def test_ddp_equals_one_process_with_the_same_global_batch(make_job, tmp_path):
     """AdamW with its usual eps=1e-8 moves an element with a near-zero gradient by +-lr on the
     sign alone, which turns 1e-9 reduction-order noise (a batch of 2 vs 2 ranks of 1) into a
     full step; eps=1.0 makes the update proportional to the gradient, so this compares what DDP
-    must get right: the same objective and the exact average of the ranks' gradients."""
+    must get right: the same objective and the exact average of the ranks' gradients. Two
+    subjects in one run: the second starts from the same adapter as alone (nothing carries over
+    from the first's engine); DDP recomputes activations (gradient checkpointing), which changes
+    memory, not the result."""
     train = {"steps": 4, "eps": 1.0, "learning_rate": 0.5}
-    one = run_worker(make_job(name="one", train={**train, "batch_size": 2}))
+    one = run_worker(make_job(n_subjects=2, name="one", train={**train, "batch_size": 2}))
     assert one.returncode == 0, one.stderr[-3000:]
-    ddp = run_worker(make_job(name="ddp", train={**train, "batch_size": 1}, distributed={"strategy": "ddp", "nproc_per_node": 2}),
-                     nproc=2)
+    ddp = run_worker(make_job(n_subjects=2, name="ddp", train={**train, "batch_size": 1, "gradient_checkpointing": True},
+                              distributed={"strategy": "ddp", "nproc_per_node": 2}), nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    assert max_diff(adapter(tmp_path, "one"), adapter(tmp_path, "ddp")) < 1e-5
+    assert "gradient checkpointing on the UNet" in ddp.stderr
+    for sid in ("s0", "s1"):
+        assert max_diff(adapter(tmp_path, "one", sid=sid), adapter(tmp_path, "ddp", sid=sid)) < 1e-5, sid
 
 
 def test_ddp_with_a_text_encoder_adapter_equals_one_process(make_job, tmp_path):
@@ -81,12 +86,15 @@ def test_zero_trains_and_saves_a_full_adapter_diffusers_loads(make_job, tmp_path
 def test_zero3_adapters_equal_zero2_with_a_text_encoder_adapter(make_job, tmp_path):
     """ZeRO-3 shards every parameter; the saved adapters, the UNet's and the text encoder's (both
     trained in one engine), must be the gathered whole, the same as ZeRO-2's (which keeps
-    parameters whole) for the same run, and not empty."""
+    parameters whole) for the same run, and not empty. ZeRO-3 recomputes the UNet's activations
+    (gradient checkpointing re-gathers the partitioned weights in backward): the same result."""
     te = {"type": "lora", "rank": 2, "targets": "comprehensive"}
     for stage in (2, 3):
-        proc = run_worker(make_job(name=f"z{stage}", train={"steps": 3}, adapter={"type": "lora", "rank": 4, "text_encoder": te},
+        proc = run_worker(make_job(name=f"z{stage}", train={"steps": 3, "gradient_checkpointing": stage == 3},
+                                   adapter={"type": "lora", "rank": 4, "text_encoder": te},
                                    distributed={"strategy": "deepspeed", "zero_stage": stage, "nproc_per_node": 2}), nproc=2)
         assert proc.returncode == 0, proc.stderr[-4000:]
+        assert ("gradient checkpointing on the UNet" in proc.stderr) == (stage == 3)
     for part in ("unet", "text_encoder"):
         saved = adapter(tmp_path, "z2", part=part)
         assert saved and all(v.numel() > 0 for v in saved.values()), part
@@ -222,9 +230,10 @@ def _assert_adapter_equals_the_shards(folder, tmp_path):
         assert max_diff(saved, assembled) == 0.0, part
 
 
-def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2):
+def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2, on_preempted=None):
     """Start a 2-process run, send SIGUSR1 to one worker once the heartbeat shows `min_step`
-    (the other learns it in the step's all-reduce), check the checkpoint, then run it again."""
+    (the other learns it in the step's all-reduce), check the checkpoint, then run it again
+    (after `on_preempted(checkpoint_name)`, if given)."""
     import signal
     import subprocess
     import sys
@@ -257,6 +266,8 @@ def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2):
     latest = (subject / "checkpoints" / "latest").read_text().strip()
     if "zero_stage" in job.read_text():
         _assert_adapter_equals_the_shards(subject / "checkpoints" / latest, tmp_path)
+    if on_preempted:
+        on_preempted(latest)
     again = run_worker(job, nproc=2)
     assert again.returncode == 0, again.stderr[-4000:]
     assert f"resuming from {latest}" in again.stderr
@@ -278,7 +289,21 @@ def test_preempted_run_resumes_to_the_straight_result(make_job, tmp_path, tiny_m
     straight = run_worker(make_job(name="straight", train=train, distributed=distributed, **te), nproc=2)
     assert straight.returncode == 0, straight.stderr[-4000:]
     job = make_job(name="resumed", train=train, distributed=distributed, output={"heartbeat_s": 1}, **te)
-    _preempt_then_resume(job, tmp_path, "resumed")
+
+    def a_single_process_takes_it_up(latest: str) -> None:
+        """The same preempted subject, resumed by a single-process run (the job's strategy
+        changed): it continues from the DDP checkpoint's adapter, schedule and step."""
+        import shutil
+
+        shutil.copytree(tmp_path / "out" / "resumed", tmp_path / "out" / "single")
+        one = run_worker(make_job(name="single", train={**train, "batch_size": 2}))
+        assert one.returncode == 0, one.stderr[-4000:]
+        assert f"resuming from {latest} at step" in one.stderr
+        assert "the checkpoint is a ddp run's; the adapter and the LR schedule resume" in one.stderr
+        status = json.loads((tmp_path / "out" / "single" / "subjects" / "s0" / "status.json").read_text())
+        assert status["state"] == "done" and status["attempts"] == 2
+
+    _preempt_then_resume(job, tmp_path, "resumed", on_preempted=a_single_process_takes_it_up if strategy == "ddp" else None)
     for part in ("unet", "text_encoder") if te else ("unet",):
         assert max_diff(adapter(tmp_path, "straight", part=part), adapter(tmp_path, "resumed", part=part)) < 1e-5, part
 

@@ -54,13 +54,29 @@ def test_unknown_subjects_fall_back_to_the_stable_hash():
     assert len(owners) == 1
 
 
+def rank_job(strategy: str, steps: int = 100):
+    data = job_dict(Path("/m"), [{"id": "x", "images": "/nowhere", "instance_prompt": "sks"}], "/tmp/unused",
+                    train={"steps": steps}, distributed={"strategy": strategy, "nproc_per_node": 3})
+    return job_from_dict(data)
+
+
 def test_ranks_get_disjoint_work_balanced_sets():
     subs = subjects(9, steps=lambda i: 300 if i == 0 else 100)
     work = {s.id: s.steps for s in subs}
-    ranks = [subjects_for_rank(subs, r, 3, "subject", work) for r in range(3)]
+    ranks = [subjects_for_rank(rank_job("subject"), subs, r, 3, work) for r in range(3)]
     assert sorted(s.id for r in ranks for s in r) == [s.id for s in subs]
     assert sorted(sum(work[s.id] for s in r) for r in ranks) == [300, 400, 400]  # the best split of 1100
-    assert subjects_for_rank(subs, 1, 3, "ddp", work) == sorted(subs, key=lambda s: s.id)
+    assert subjects_for_rank(rank_job("ddp"), subs, 1, 3, work) == sorted(subs, key=lambda s: s.id)
+
+
+def test_a_subject_missing_from_the_plan_is_weighed_by_the_jobs_steps():
+    """Four planned subjects of 100 steps and one the plan lacks, of the job's 400: the late one
+    is a rank's whole load, as it would be had it been planned."""
+    subs = subjects(5)
+    work = {s.id: 100 for s in subs[:4]}
+    ranks = [subjects_for_rank(rank_job("subject", steps=400), subs, r, 3, work) for r in range(3)]
+    assert [s.id for s in subs[4:]] in [[s.id for s in r] for r in ranks]
+    assert sorted(len(r) for r in ranks) == [1, 2, 2]
 
 
 def test_submit_weighs_images_keeps_the_earlier_plan_and_writes_it_beside_the_job(tmp_path):

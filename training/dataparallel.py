@@ -6,7 +6,8 @@ Order of work, so that no rank waits in a collective while another prepares: eve
 the base and makes or reuses the class images *before* the process group exists; only then do
 the ranks join. Rank 0 alone reads and writes the ledger and publishes; its decisions reach the
 others by broadcast. Each subject gets fresh copies of the adapted models and a fresh engine, so
-ZeRO-3 partitions never leak between subjects. Under ZeRO-3 the adapter weights are gathered
+ZeRO-3 partitions never leak between subjects; the worker's own models wait in host memory while
+a subject trains, so the device holds the base once. Under ZeRO-3 the adapter weights are gathered
 (only them) and rank 0 exports them from the unpartitioned base, so the files are the same as a
 single-process run's.
 
@@ -111,16 +112,32 @@ def _on_ranks(fn, what: str) -> list:
     return [r for r, _ in gathered]
 
 
-def _fresh_models(worker: Worker) -> dict[str, torch.nn.Module]:
+def _subject_models(worker: Worker, job: JobConfig) -> dict[str, torch.nn.Module]:
     """Copies of the adapted models (the UNet; the text encoder when it has an adapter) with the
     adapters as Worker.setup initialised them from the job seed: a single-process run starts
-    from the same weights. Copies, because a ZeRO-3 engine partitions what it is given."""
-    models = {"unet": copy.deepcopy(worker.c.unet)}
-    if worker.train_te:
-        models["text_encoder"] = copy.deepcopy(worker.c.text_encoder)
-    for name, model in models.items():
-        adapters.restore(model, worker.init_state[name])
+    from the same weights. Copies, because a ZeRO-3 engine partitions what it is given and
+    accelerate patches the forward of what it prepares. The worker's own models wait in host
+    memory meanwhile (`_return_models` brings them back), so the device never holds the base
+    twice: under ZeRO-3 a rank holds only its partition."""
+    models = {}
+    for name in _adapted(worker):
+        own = getattr(worker.c, name).to("cpu")
+        models[name] = copy.deepcopy(own).to(worker.c.device)
+        adapters.restore(models[name], worker.init_state[name])
+    if job.train.gradient_checkpointing:
+        models["unet"].enable_gradient_checkpointing()
+        log.info("gradient checkpointing on the UNet")
     return models
+
+
+def _adapted(worker: Worker) -> list[str]:
+    return ["unet", "text_encoder"] if worker.train_te else ["unet"]
+
+
+def _return_models(worker: Worker) -> None:
+    """The worker's own models back on the device (for samples, the next subject's caching)."""
+    for name in _adapted(worker):
+        getattr(worker.c, name).to(worker.c.device)
 
 
 def _parts(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
@@ -217,6 +234,7 @@ def _run_subject(job, env, preemption, worker: Worker, accelerator, subject: Sub
         return Outcome(subject.id, "failed", str(exc))
     finally:
         accelerator.free_memory()
+        _return_models(worker)
         if keeper:
             keeper.stop()
     return result
@@ -250,7 +268,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
             resume = Path(fetched)
             states, trainer_state = checkpoint.read_local(resume)
             engine = _engine_usable(job, env, resume, trainer_state, manifest)
-        models = _fresh_models(worker)
+        models = _subject_models(worker, job)
         if resume is not None and (job.distributed.strategy != "deepspeed" or not engine):
             # DDP, or a checkpoint the engine cannot load (a single-process run's, another strategy
             # or world size): the adapters come from the contract files; DeepSpeed restores them
@@ -348,6 +366,9 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
         shutil.rmtree(staging, ignore_errors=True)
     worker.progress.end_subject()
     states = _gathered_adapters(job, accelerator.unwrap_model(model))
+    del model, optimizer, scheduler, view, save_checkpoint
+    accelerator.free_memory()  # the engine's memory, before the worker's own models come back for publishing
+    _return_models(worker)
     if not _broadcast(keeper.held() if env.is_main else None):
         return Outcome(subject.id, "skipped", "taken over by another worker; not published")
     if env.is_main:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Callable
 
 from launcher import ledger
 from launcher.config import JobConfig, Subject
@@ -51,6 +52,38 @@ def should_train(status: SubjectStatus | None, latest: Claim | None, job: JobCon
     return True, f"retrying after failure ({status.attempts}/{job.output.max_attempts})"
 
 
+class Heartbeat:
+    """Calls `beat` every `every_s` seconds on a daemon thread until stopped. A failed beat is
+    logged, never raised: a missed heartbeat must not stop the work it vouches for."""
+
+    def __init__(self, beat: Callable[[], None], every_s: float, what: str):
+        self.beat, self.every_s, self.what = beat, every_s, what
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=what)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.beat()
+            except (OSError, UserError) as exc:
+                log.warning("%s failed: %s", self.what, exc)
+
+    def start(self) -> "Heartbeat":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def __enter__(self) -> "Heartbeat":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 class StatusKeeper:
     """Writes a subject's status.json while this worker holds its claim, and refreshes the
     heartbeat from a background thread. Once a successor has taken the subject over, nothing
@@ -60,8 +93,7 @@ class StatusKeeper:
         self.job_uri, self.status, self.claim, self.every_s = job_uri, status, claim, every_s
         self.lost = False
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{status.id}")
+        self._heart = Heartbeat(self.update, every_s, f"heartbeat of {status.id}")
 
     def held(self) -> bool:
         """Whether the claim is still the latest; checked before publishing."""
@@ -79,21 +111,12 @@ class StatusKeeper:
             self.status.heartbeat_at = time.time()
             ledger.write_status(self.job_uri, self.status)
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every_s):
-            try:
-                self.update()
-            except UserError as exc:  # a missed heartbeat must not kill training
-                log.warning("heartbeat for %s failed: %s", self.status.id, exc)
-
     def start(self) -> "StatusKeeper":
-        self._thread.start()
+        self._heart.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._heart.stop()
 
     def __enter__(self) -> "StatusKeeper":
         return self

@@ -113,6 +113,17 @@ class Stepper:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
+    def resume(self, trainer_state: dict, subject_id: str) -> None:
+        """Continue from a checkpoint's trainer state: this loop's own, or a data-parallel run's
+        (its optimizer state is in engine files for its own world size): then the LR schedule
+        continues and the optimizer starts anew."""
+        if "stepper" in trainer_state:
+            self.load_state_dict(trainer_state["stepper"])
+            return
+        self.lr_scheduler.load_state_dict(trainer_state["scheduler"])
+        log.warning("subject %s: the checkpoint is a %s run's; the adapter and the LR schedule resume, the "
+                    "optimizer state starts anew", subject_id, trainer_state.get("strategy", "data-parallel"))
+
 
 def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator, stepper: Stepper,
                    train_text_encoder: bool, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
@@ -211,7 +222,7 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
         adapters.load_adapter_state_dict(c.unet, resumed.adapters["unet"])
         if train_te:
             adapters.load_adapter_state_dict(c.text_encoder, resumed.adapters["text_encoder"])
-        stepper.load_state_dict(resumed.trainer_state["stepper"])
+        stepper.resume(resumed.trainer_state, subject.id)
         checkpoint.set_rng_state(resumed.trainer_state["rng"], gen)
         step = resumed_from = resumed.step
         if resumed.metrics is not None:

@@ -8,8 +8,9 @@ works on views of the stacked parameters (one AdamW/AdamW8bit per slot over `par
 so its state is per subject slice. Continuous batching: a subject that finishes is exported
 and published, and the next waiting subject takes its slot, reset to the shared init.
 
-Not in packed mode: text-encoder adapters, LoHa/LoKr, fp16 GradScaler (bf16/fp32 only), and
-mid-run checkpoints (a preempted packed subject goes back to pending and restarts).
+Each slot checkpoints in the single-run format (`train.checkpoint_every`, and every live slot
+when preempted) and resumes in a pack or alone. Not in packed mode: text-encoder adapters,
+LoHa/LoKr, fp16 GradScaler (bf16/fp32 only), data-parallel strategies.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ class PackedTrainer:
         """Continue a subject from its checkpoint (a packed slot's or a single run's)."""
         s = self.slots[slot]
         packed.load_slot(self.layers, slot, resumed.adapters["unet"])
-        s.stepper.load_state_dict(resumed.trainer_state["stepper"])
+        s.stepper.resume(resumed.trainer_state, s.subject.id)
         s.gen.set_state(resumed.trainer_state["rng"]["generator"])
         s.step = resumed.step
 

@@ -17,14 +17,13 @@ import hashlib
 import json
 import logging
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 from launcher import ledger, storage
 from launcher.config import PriorConfig
-from launcher.errors import UserError
 from training.components import Components
+from training.lease import Heartbeat
 from training.sampling import generate
 
 log = logging.getLogger(__name__)
@@ -76,18 +75,9 @@ def ensure_class_images(c: Components, class_prompt: str, model: str, resolution
 def _generate(c: Components, class_prompt: str, resolution: int, prior: PriorConfig, seed: int, uri: str, key: str,
               claims: str, claim: ledger.Claim, stale_after_s: float) -> None:
     log.info("generating %d class images for %r (%s)", prior.num_class_images, class_prompt, key)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(max(1.0, stale_after_s / 4)):
-            try:
-                ledger.refresh_claim(claims, claim)
-            except (OSError, UserError) as exc:  # a missed beat must not stop generation
-                log.warning("class-image lock heartbeat failed: %s", exc)
-
-    heart = threading.Thread(target=beat, daemon=True, name=f"prior-lock-{key}")
-    heart.start()
-    try:
+    heartbeat = Heartbeat(lambda: ledger.refresh_claim(claims, claim), max(1.0, stale_after_s / 4),
+                          f"class-image lock heartbeat of {key}")
+    with heartbeat:
         with tempfile.TemporaryDirectory(prefix="dreamfleet-prior-") as tmp:
             tmp_path = Path(tmp)
             images = generate(c, [class_prompt] * prior.num_class_images, resolution, prior.sample_steps,
@@ -97,6 +87,3 @@ def _generate(c: Components, class_prompt: str, resolution: int, prior: PriorCon
             (tmp_path / "prompt.txt").write_text(class_prompt + "\n")
             storage.publish_dir(tmp_path, uri, extra={"class_prompt": class_prompt, "key": key,
                                                       "generated_by": claim.owner})
-    finally:
-        stop.set()
-        heart.join()

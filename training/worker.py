@@ -77,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
             storage.write_text(storage.join(job.job_uri, PLAN_FILE), plan.to_json())  # the next submit keeps it
         subjects = subjects_for_shard(resolve_subjects(job), env.shard_index, env.num_shards, plan)
-        mine = subjects_for_rank(subjects, env.rank, env.world_size, job.distributed.strategy,
-                                 plan.work if plan else None)
+        mine = subjects_for_rank(job, subjects, env.rank, env.world_size, plan.work if plan else None)
         log.info("shard %d/%d, rank %d/%d: %d subject(s): %s", env.shard_index, env.num_shards, env.rank,
                  env.world_size, len(mine), ", ".join(s.id for s in mine) or "-")
         if not mine:
