@@ -127,6 +127,10 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     typer.echo(result)
     if name == "local" and not dry_run:
         _print_status_table(job.job_uri)
+        try:
+            typer.echo(f"report: {_write_report(job.job_uri)}")
+        except (OSError, UserError) as exc:  # the training is done either way; say why there is no page
+            typer.secho(f"warning: the report could not be written: {exc}", fg=typer.colors.YELLOW, err=True)
         code = int(result.split()[-1])
         if code:
             raise typer.Exit(code)
@@ -182,12 +186,24 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
 @app.command()
 @user_errors
 def report(target: str = typer.Argument(..., help="Job file or the job's output URI."),
-           out: Path = typer.Option(Path("report.html"), "--out", "-o", help="Where to write the page.")):
+           out: Optional[Path] = typer.Option(None, "--out", "-o",
+                                              help="A local file to write instead (default: report.html in the job's output).")):
     """One self-contained HTML page: loss curves, sample images and failures of every subject."""
-    from launcher.fleet import render_report
+    typer.echo(_write_report(_job_uri(target), out))
 
-    out.write_text(render_report(_job_uri(target)))
-    typer.echo(str(out))
+
+def _write_report(job_uri: str, out: Optional[Path] = None) -> str:
+    """The report, written to `out` or beside the subjects (the output contract's place); returns where."""
+    from launcher import storage
+    from launcher.fleet import REPORT_FILE, render_report
+
+    page = render_report(job_uri)
+    if out is not None:
+        out.write_text(page)
+        return str(out)
+    uri = storage.join(job_uri, REPORT_FILE)
+    storage.write_text(uri, page)
+    return uri
 
 
 @app.command("retry-failed")

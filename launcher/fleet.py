@@ -101,6 +101,9 @@ def _samples(job_uri: str, sid: str, limit: int = 4) -> str:
     return "".join(imgs) or "<p class='muted'>no samples</p>"
 
 
+REPORT_FILE = "report.html"  # in the job's output, beside subjects/
+
+
 def render_report(job_uri: str) -> str:
     statuses = ledger.list_statuses(job_uri)
     summary = summarize(statuses)

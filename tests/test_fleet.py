@@ -85,6 +85,11 @@ def test_fleet_of_twenty_with_bad_subjects_shared_priors_status_report_and_retry
     text = run_cli("status", str(job)).stdout
     assert "20 subjects: pending 0, running 0, done 17, failed 3" in text
 
+    # the local submit left the report in the output (the contract's place); `report` rewrites it there
+    assert f"report: {out / 'report.html'}" in proc.stdout
+    (out / "report.html").unlink()
+    made = run_cli("report", str(job))
+    assert made.returncode == 0 and made.stdout.strip() == str(out / "report.html"), made.stderr[-2000:]
     report = tmp_path / "report.html"
     assert run_cli("report", str(job), "--out", str(report)).returncode == 0
     page = report.read_text()
