@@ -126,11 +126,7 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     result = get_backend(name).submit(job, subjects, out, dry_run=dry_run, shard_plan=plan)
     typer.echo(result)
     if name == "local" and not dry_run:
-        _print_status_table(job.job_uri)
-        try:
-            typer.echo(f"report: {_write_report(job.job_uri)}")
-        except (OSError, UserError) as exc:  # the training is done either way; say why there is no page
-            typer.secho(f"warning: the report could not be written: {exc}", fg=typer.colors.YELLOW, err=True)
+        _finish_local(job.job_uri)
         code = int(result.split()[-1])
         if code:
             raise typer.Exit(code)
@@ -190,6 +186,15 @@ def report(target: str = typer.Argument(..., help="Job file or the job's output 
                                               help="A local file to write instead (default: report.html in the job's output).")):
     """One self-contained HTML page: loss curves, sample images and failures of every subject."""
     typer.echo(_write_report(_job_uri(target), out))
+
+
+def _finish_local(job_uri: str) -> None:
+    """After a local run: the status table, and the report in the job's output."""
+    _print_status_table(job_uri)
+    try:
+        typer.echo(f"report: {_write_report(job_uri)}")
+    except (OSError, UserError) as exc:  # the training is done either way; say why there is no page
+        typer.secho(f"warning: the report could not be written: {exc}", fg=typer.colors.YELLOW, err=True)
 
 
 def _write_report(job_uri: str, out: Optional[Path] = None) -> str:

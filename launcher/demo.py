@@ -53,9 +53,9 @@ def run_demo(job_file: Path | None, overrides: list[str]) -> int:
     started = time.perf_counter()
     result = local.submit(job, subjects, Path(".dreamfleet") / job.name / "local")
     elapsed = time.perf_counter() - started
-    from launcher.cli import _print_status_table
+    from launcher.cli import _finish_local
 
-    _print_status_table(job.job_uri)
+    _finish_local(job.job_uri)
     code = int(result.split()[-1])
     steps = sum(s.steps or job.train.steps for s in subjects)
     typer.echo(f"{len(subjects)} subject(s), {steps} steps in {elapsed:.0f}s; adapters under {job.job_uri}/subjects/")

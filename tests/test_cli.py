@@ -60,3 +60,6 @@ def test_demo_builds_its_assets_and_trains(tmp_path):
         assert (root / sid / "pytorch_lora_weights.safetensors").exists()
         assert json.loads((root / sid / "status.json").read_text())["state"] == "done"
     assert "adapters under ./outputs/quickstart/subjects/" in proc.stdout
+    assert "report: ./outputs/quickstart/report.html" in proc.stdout
+    page = (tmp_path / "outputs" / "quickstart" / "report.html").read_text()
+    assert all(f"id='subject-{sid}'" in page for sid in ("red-ball", "green-box", "blue-ball"))
