@@ -31,7 +31,7 @@ def test_local_submit_dry_run_prints_the_command(make_job, tmp_path):
     job = make_job()
     proc = run_cli("submit", str(job), "--backend", "local", "--dry-run", "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stderr
-    assert "torch.distributed.run --standalone --nnodes=1 --nproc-per-node=1 -m training.worker" in proc.stdout
+    assert "training.agent --standalone --nnodes=1 --nproc-per-node=1 -m training.worker" in proc.stdout
     assert not (tmp_path / "out").exists()  # nothing trained
 
 

@@ -144,7 +144,7 @@ def test_two_process_training_inside_as_non_root(image, tmp_path, shared_inputs)
     job = job_dict(Path("/data/model"), subjects, "/out", distributed={"nproc_per_node": 2})
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "job.yaml").write_text(json.dumps(job))
-    proc = run(image, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+    proc = run(image, "-m", "training.agent", "--standalone", "--nproc-per-node=2",
                "-m", "training.worker", "--job", "/job/job.yaml", entrypoint="python",
                volumes=[f"{model}:/data/model:ro", f"{subjects_dir}:/data/subjects:ro",
                         f"{tmp_path / 'job'}:/job:ro", f"{out}:/out"])
@@ -153,11 +153,46 @@ def test_two_process_training_inside_as_non_root(image, tmp_path, shared_inputs)
     assert_adapters_on_host(out, ["s0", "s1"])
 
 
+def _container_running(name: str) -> bool:
+    listed = subprocess.run(["podman", "ps", "-q", "--filter", f"name=^{name}$"], capture_output=True, text=True)
+    return bool(listed.stdout.strip())
+
+
+def test_a_container_waiting_in_the_rendezvous_stops_on_sigterm(image):
+    """The agent is the container's pid 1 (no init) and waits for a second node that never
+    comes, as a cancelled multi-node job's first node does. SIGTERM to the engine's client (what
+    Slurm sends a cancelled step; podman passes it on) stops the container: with
+    `training.agent` at once, while plain torchrun, as pid 1 without a handler yet, ignores it."""
+    import signal
+
+    for module, stops in (("training.agent", True), ("torch.distributed.run", False)):
+        name = f"dreamfleet-sigterm-{module.replace('.', '-')}"
+        cmd = [*PODMAN, "run", "--rm", *LIMITS, "--network=none", "--name", name, "--entrypoint", "python", image,
+               "-m", module, "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
+               "--rdzv-endpoint=127.0.0.1:29400", "--rdzv-id=never", "-m", "training.worker", "--job", "/none.yaml"]
+        client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 120
+            while not _container_running(name) and time.time() < deadline and client.poll() is None:
+                time.sleep(0.5)
+            assert _container_running(name), f"{module}: the container did not start"
+            time.sleep(5)  # the agent has imported torch and waits in the rendezvous
+            client.send_signal(signal.SIGTERM)
+            deadline = time.time() + (30 if stops else 10)
+            while _container_running(name) and time.time() < deadline:
+                time.sleep(0.5)
+            assert _container_running(name) is not stops, module
+        finally:
+            subprocess.run(["podman", "rm", "-f", "-t", "0", name], capture_output=True, timeout=120)
+            output = client.communicate(timeout=60)[0]
+        if stops:
+            assert "SIGTERM before the workers started; exiting" in output, output[-2000:]
+
+
 @pytest.fixture
 def no_leftover_containers(image):
-    """Remove what a failed job leaves running. podman's conmon runs outside the job step's
-    process tree, and the container's pid 1 (torchrun, with no SIGTERM handler while it waits in
-    the rendezvous) ignores SIGTERM: a cancelled or timed-out step can leave it running."""
+    """Remove what a failed job leaves running: podman's conmon runs outside the job step's
+    process tree, so a step killed before its container stopped can leave it running."""
     yield
     left = subprocess.run(["podman", "ps", "-q", "--filter", f"ancestor={image}"], capture_output=True, text=True)
     if left.stdout.split():

@@ -15,13 +15,14 @@ from pathlib import Path
 from launcher.backends import write_job_files
 from launcher.config import JobConfig, Subject
 from launcher.plan import ShardPlan, make_plan
+from launcher.render import AGENT_MODULE
 
 COMMAND_FILE = "command.sh"
 
 
 def worker_command(job: JobConfig, job_file: Path, python: str | None = None) -> list[str]:
     d = job.distributed
-    return [python or sys.executable, "-m", "torch.distributed.run", "--standalone",
+    return [python or sys.executable, "-m", AGENT_MODULE, "--standalone",
             f"--nnodes={d.nnodes}", f"--nproc-per-node={d.nproc_per_node}",
             "-m", "training.worker", "--job", str(job_file)]
 

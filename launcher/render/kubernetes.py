@@ -20,6 +20,7 @@ from typing import Any
 from launcher.config import JobConfig, KubernetesConfig
 from launcher.errors import ConfigError
 from launcher.plan import Plan
+from launcher.render import AGENT_MODULE
 
 JOB_MOUNT = "/etc/dreamfleet"
 CACHE_MOUNT = "/cache"
@@ -61,7 +62,7 @@ def network_policy(job: JobConfig) -> dict:
 
 
 def torchrun_args(plan: Plan, multi_node: bool) -> list[str]:
-    args = ["-m", "torch.distributed.run", f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}"]
+    args = ["-m", AGENT_MODULE, f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}"]
     if multi_node:
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint=$(DREAMFLEET_RDZV_HOST):{RDZV_PORT}", "--rdzv-id=$(DREAMFLEET_RDZV_ID)"]
     else:
@@ -181,7 +182,7 @@ def pytorchjob(job: JobConfig, plan: Plan) -> list[dict]:
     k = job.cluster.kubernetes
     if plan.num_shards > 1:
         raise ConfigError("cluster.kubernetes.flavour pytorchjob runs one shard: use indexed-job or jobset for fleets")
-    args = ["-m", "torch.distributed.run", f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}",
+    args = ["-m", AGENT_MODULE, f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}",
             "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
             "-m", "training.worker", "--job", f"{JOB_MOUNT}/job.yaml"]
     env_extra = [{"name": "DREAMFLEET_SHARD_INDEX", "value": "0"}]

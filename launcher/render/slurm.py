@@ -15,6 +15,7 @@ import shlex
 
 from launcher.config import JobConfig, SlurmConfig
 from launcher.plan import Plan
+from launcher.render import AGENT_MODULE
 
 q = shlex.quote
 
@@ -44,7 +45,7 @@ def sbatch_options(job: JobConfig, plan: Plan) -> list[str]:
 
 def torchrun_command(job: JobConfig, plan: Plan, job_file: str) -> list[str]:
     """The per-node command; $MASTER_ADDR/$MASTER_PORT/$SLURM_JOB_ID expand on the node."""
-    return ["python", "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
+    return ["python", "-m", AGENT_MODULE, f"--nnodes={plan.nnodes}",
             f"--nproc-per-node={plan.nproc_per_node}", "--rdzv-backend=c10d",
             '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
             "-m", "training.worker", "--job", q(job_file)]
