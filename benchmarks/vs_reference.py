@@ -186,10 +186,12 @@ def summarize(args, samples: dict[str, list[dict]]) -> dict:
               "python": platform.python_version(), "torch": torch.__version__, "args": vars(args) | {"out": str(args.out), "reference_script": str(args.reference_script)},
               "median": med, "ratios": ratios, "samples": samples}
     k = args.subjects
-    print(f"\n| trainer | steps/s | s/subject, 1 subject (with start-up) | s/subject, {k}-subject batch | peak RSS MiB |")
+    print(f"\n| trainer | steps/s (min-max) | s/subject, 1 subject (with start-up) | s/subject, {k}-subject batch | peak RSS MiB |")
     print("|---|---|---|---|---|")
     for name, m in med.items():
-        print(f"| {name} | {m['steps_per_s']:.2f} | {m['s_per_subject']:.1f} | {m['s_per_subject_batch']:.1f} | {m['rss_mib']:.0f} |")
+        rates = [s["steps_per_s"] for s in samples[name]]
+        print(f"| {name} | {m['steps_per_s']:.2f} ({min(rates):.2f}-{max(rates):.2f}) | {m['s_per_subject']:.1f} | "
+              f"{m['s_per_subject_batch']:.1f} | {m['rss_mib']:.0f} |")
     print(f"\nratios: steps/s x{ratios['steps_per_s']:.2f}; seconds per subject x{ratios['s_per_subject']:.2f} (1 subject), "
           f"x{ratios['s_per_subject_batch']:.2f} ({k}-subject batch) (reference / ours); RSS x{ratios['rss']:.2f} (ours / reference)")
     with open(args.out / "results.json", "a") as f:
