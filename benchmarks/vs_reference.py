@@ -49,6 +49,11 @@ def prepare(args, work: Path) -> tuple[Path, Path]:
         kind = "model" if args.model == "tiny" else "sd15"
         subprocess.run([args.python, "-m", "training.tiny", kind, str(model)], check=True, cwd=REPO,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for path in sorted(model.rglob("*")):  # warm the page cache: no trainer pays a cold first read of the weights
+        if path.is_file():
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
     for i in range(args.subjects):
         if not (work / f"images-{i}").exists():
             code = ("from training.tiny import write_subject_images; import sys; "
@@ -158,7 +163,11 @@ def run(args) -> dict:
                 res[name][steps] = timed(makers[name](args, model, images, steps, out), work / f"{out.name}.log", gpu)
         for name in order:
             r = res[name]
-            sample = {"steps_per_s": (long - short) / (r[long]["wall_s"] - r[short]["wall_s"]),
+            extra_s = r[long]["wall_s"] - r[short]["wall_s"]
+            if extra_s <= 0:  # start-up noise (a cold page cache for the model) larger than the extra steps
+                print(f"rep {rep} {name}: the {long}-step run was not slower than the {short}-step run; "
+                      "its steps/s is left out (use more steps)", flush=True)
+            sample = {"steps_per_s": (long - short) / extra_s if extra_s > 0 else float("nan"),
                       "s_per_subject": r[long]["wall_s"], "rss_mib": r[long]["rss_mib"], "gpu_mib": r[long]["gpu_mib"],
                       "s_per_subject_batch": r[long]["wall_s"]}
             if name == "dreamfleet" and args.subjects > 1:
@@ -173,10 +182,13 @@ def run(args) -> dict:
 
 
 def summarize(args, samples: dict[str, list[dict]]) -> dict:
-    med = {name: {k: statistics.median(s[k] for s in runs) if runs[0][k] is not None else None for k in runs[0]}
-           for name, runs in samples.items()}
+    def median(values: list) -> float | None:
+        kept = [v for v in values if v is not None and v == v]  # None: not measured; NaN: left out
+        return statistics.median(kept) if kept else None
+
+    med = {name: {k: median([s[k] for s in runs]) for k in runs[0]} for name, runs in samples.items()}
     ours, ref = med["dreamfleet"], med["reference"]
-    ratios = {"steps_per_s": ours["steps_per_s"] / ref["steps_per_s"],
+    ratios = {"steps_per_s": ours["steps_per_s"] / ref["steps_per_s"] if ours["steps_per_s"] and ref["steps_per_s"] else float("nan"),
               "s_per_subject": ref["s_per_subject"] / ours["s_per_subject"],
               "rss": ours["rss_mib"] / ref["rss_mib"],
               "s_per_subject_batch": ref["s_per_subject_batch"] / ours["s_per_subject_batch"]}
@@ -189,8 +201,8 @@ def summarize(args, samples: dict[str, list[dict]]) -> dict:
     print(f"\n| trainer | steps/s (min-max) | s/subject, 1 subject (with start-up) | s/subject, {k}-subject batch | peak RSS MiB |")
     print("|---|---|---|---|---|")
     for name, m in med.items():
-        rates = [s["steps_per_s"] for s in samples[name]]
-        print(f"| {name} | {m['steps_per_s']:.2f} ({min(rates):.2f}-{max(rates):.2f}) | {m['s_per_subject']:.1f} | "
+        rates = [s["steps_per_s"] for s in samples[name] if s["steps_per_s"] == s["steps_per_s"]] or [float("nan")]
+        print(f"| {name} | {m['steps_per_s'] or float('nan'):.2f} ({min(rates):.2f}-{max(rates):.2f}) | {m['s_per_subject']:.1f} | "
               f"{m['s_per_subject_batch']:.1f} | {m['rss_mib']:.0f} |")
     print(f"\nratios: steps/s x{ratios['steps_per_s']:.2f}; seconds per subject x{ratios['s_per_subject']:.2f} (1 subject), "
           f"x{ratios['s_per_subject_batch']:.2f} ({k}-subject batch) (reference / ours); RSS x{ratios['rss']:.2f} (ours / reference)")
