@@ -43,6 +43,8 @@ ClusterName=dreamfleet-test
 SlurmctldHost=$host(127.0.0.1)
 SlurmctldPort=${SLURMCTLD_PORT:-16817}
 AuthType=auth/munge
+# credentials live 10 s (default 120): a requeued job may start again that soon after it stopped
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SlurmUser=root
