@@ -120,7 +120,7 @@ def _subject_models(worker: Worker, job: JobConfig) -> dict[str, torch.nn.Module
     memory meanwhile (`_return_models` brings them back), so the device never holds the base
     twice: under ZeRO-3 a rank holds only its partition."""
     models = {}
-    for name in _adapted(worker):
+    for name in worker.init_state:  # the adapted models: the UNet, and the text encoder if it has an adapter
         own = getattr(worker.c, name).to("cpu")
         models[name] = copy.deepcopy(own).to(worker.c.device)
         adapters.restore(models[name], worker.init_state[name])
@@ -130,13 +130,9 @@ def _subject_models(worker: Worker, job: JobConfig) -> dict[str, torch.nn.Module
     return models
 
 
-def _adapted(worker: Worker) -> list[str]:
-    return ["unet", "text_encoder"] if worker.train_te else ["unet"]
-
-
 def _return_models(worker: Worker) -> None:
     """The worker's own models back on the device (for samples, the next subject's caching)."""
-    for name in _adapted(worker):
+    for name in worker.init_state:
         getattr(worker.c, name).to(worker.c.device)
 
 
