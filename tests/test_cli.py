@@ -61,5 +61,7 @@ def test_demo_builds_its_assets_and_trains(tmp_path):
         assert json.loads((root / sid / "status.json").read_text())["state"] == "done"
     assert "adapters under ./outputs/quickstart/subjects/" in proc.stdout
     assert "report: ./outputs/quickstart/report.html" in proc.stdout
+    # the first run a user sees: no progress-bar noise, no warnings about parts it does not use
+    assert not any(noise in proc.stderr for noise in ("Loading weights", " WARNING ", "[transformers]")), proc.stderr[-3000:]
     page = (tmp_path / "outputs" / "quickstart" / "report.html").read_text()
     assert all(f"id='subject-{sid}'" in page for sid in ("red-ball", "green-box", "blue-ball"))
