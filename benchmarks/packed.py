@@ -2,6 +2,7 @@
 
     python benchmarks/packed.py cpu [--subjects 16] [--sequential 4] [--steps 10] [--packs 1 2 4 8 16]
     python benchmarks/packed.py gpu [--packs 1 2 4 8 16 32] [--steps 20]     # SD 1.5-shaped UNet, 512 px, bf16
+    python benchmarks/packed.py gpu --device cpu --shape tiny --packs 1 2 --steps 1   # a smoke run of the gpu path
 
 cpu: the tiny random-weight model at 32 px, all through the real worker entry point. Sequential
 means one process per subject (process start, model load, caching, training, export), as a
@@ -14,7 +15,9 @@ with packed LoRA rank 4 (comprehensive targets), batch 1 per subject at 512 px (
 AdamW per subject as in training.packed_loop. Reports samples/s, subjects/hour at `--subject-steps`
 steps per subject (training time only), peak memory, and model FLOPs utilisation (FLOPs counted by
 torch.utils.flop_counter for one forward+backward, over the GPU's dense bf16 peak, `--peak-tflops`,
-989 for an H100 SXM).
+989 for an H100 SXM). `--device cpu --shape tiny` runs the same code on the tiny model without a
+GPU (no memory or MFU figures): the test suite does, so that a GPU session's time is not spent on
+this script's bugs.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def run_cpu(args) -> list[dict]:
     return rows
 
 
-def run_gpu(args) -> list[dict]:
+def run_step(args) -> list[dict]:
     import torch
     from diffusers import UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
@@ -90,9 +93,15 @@ def run_gpu(args) -> list[dict]:
     from training import adapters, packed
     from training.tiny import SHAPES
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
-    unet = UNet2DConditionModel(**SHAPES["sd15"]["unet"]).to(device, torch.bfloat16)
+    unet = UNet2DConditionModel(**SHAPES[args.shape]["unet"]).to(device, torch.bfloat16)
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    side, context = unet.config.sample_size, unet.config.cross_attention_dim  # SD 1.5: 64x64 latents = 512 px
     unet.requires_grad_(False)
     spec = LoraSpec(type="lora", rank=4, targets="comprehensive")
     adapters.attach(unet, spec, adapters.UNET_TARGETS, "unet")
@@ -107,12 +116,12 @@ def run_gpu(args) -> list[dict]:
         opts = [torch.optim.AdamW([torch.nn.Parameter(p.data[s]) for p in params], lr=1e-4, fused=True)
                 for s in range(k)]
         router.index = torch.arange(k, device=device)
-        x = torch.randn(k, 4, 64, 64, device=device)
-        emb = torch.randn(k, 77, 768, device=device, dtype=torch.bfloat16)
+        x = torch.randn(k, 4, side, side, device=device)
+        emb = torch.randn(k, 77, context, device=device, dtype=torch.bfloat16)
         ts = torch.randint(0, 1000, (k,), device=device)
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 pred = unet(x, ts, encoder_hidden_states=emb).sample
             (pred.float() - x).pow(2).mean(dim=(1, 2, 3)).sum().backward()
             for s, opt in enumerate(opts):
@@ -124,17 +133,18 @@ def run_gpu(args) -> list[dict]:
                 p.grad = None
 
         try:
-            torch.cuda.reset_peak_memory_stats()
-            for _ in range(3):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            for _ in range(args.warmup):
                 step()
             with FlopCounterMode(display=False) as counter:
                 step()
             flops = counter.get_total_flops()
-            torch.cuda.synchronize()
+            sync()
             start = time.perf_counter()
             for _ in range(args.steps):
                 step()
-            torch.cuda.synchronize()
+            sync()
             dt = (time.perf_counter() - start) / args.steps
         except torch.OutOfMemoryError:
             rows.append({"K": k, "error": "out of memory"})
@@ -142,11 +152,13 @@ def run_gpu(args) -> list[dict]:
             break
         rows.append({"K": k, "samples_per_s": round(k / dt, 2), "step_s": round(dt, 4),
                      "subjects_per_hour": round(3600 * k / (dt * args.subject_steps)),
-                     "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                     "mfu": round(flops / dt / (args.peak_tflops * 1e12), 4)})
+                     "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+                     "tflop_per_step": round(flops / 1e12, 6),
+                     "mfu": round(flops / dt / (args.peak_tflops * 1e12), 4) if cuda else None})
         packed.uninstall(unet, layers)
         del opts
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     base = rows[0].get("subjects_per_hour")
     for r in rows:
         if base and "subjects_per_hour" in r:
@@ -164,6 +176,9 @@ def main() -> None:
     p.add_argument("--subject-steps", type=int, default=400)
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--device", default="cuda", help="gpu mode: where the step runs (cpu: a smoke run)")
+    p.add_argument("--shape", choices=["sd15", "tiny"], default="sd15", help="gpu mode: the UNet's layer sizes")
+    p.add_argument("--warmup", type=int, default=3, help="gpu mode: untimed steps first")
     args = p.parse_args()
     import torch
 
@@ -173,7 +188,7 @@ def main() -> None:
     print(json.dumps({"machine": platform.platform(), "cpu": platform.processor(), "python": platform.python_version(),
                       "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}))
-    rows = run_cpu(args) if args.where == "cpu" else run_gpu(args)
+    rows = run_cpu(args) if args.where == "cpu" else run_step(args)
     if args.where == "gpu":
         for r in rows:
             print(json.dumps(r))
