@@ -58,14 +58,32 @@ def unsupported(job: JobConfig) -> list[str]:
     if job.train.compile and job.train.pack != 1:
         errors.append("train.compile cannot be combined with train.pack: the packed layers' routing changes shape "
                       "as subjects join and leave the pack, and every change would recompile the UNet")
-    if d.strategy != "subject" and job.train.pack != 1:
-        errors.append(f"train.pack={job.train.pack} needs distributed.strategy subject (each rank packs its own "
-                      f"subjects), got {d.strategy}: a data-parallel run trains one subject at a time")
+    if job.train.pack != 1:
+        errors += _unpackable(job)
     if d.strategy in ("ddp", "deepspeed") and job.train.gradient_accumulation > 1:
         errors.append(f"train.gradient_accumulation={job.train.gradient_accumulation} is not supported with "
                       f"distributed.strategy {d.strategy} yet: raise train.batch_size or add processes instead "
                       "(the global batch is batch_size x processes)")
     return errors
+
+
+def _unpackable(job: JobConfig) -> list[str]:
+    """What the packed LoRA layer (training.packed) cannot train exactly like a single run."""
+    a, pack = job.adapter, job.train.pack
+    problems = []
+    if job.distributed.strategy != "subject":
+        problems.append(f"train.pack={pack} needs distributed.strategy subject (each rank packs its own subjects), "
+                        f"got {job.distributed.strategy}: a data-parallel run trains one subject at a time")
+    if a.type != "lora":
+        problems.append(f"train.pack={pack} trains LoRA only, got adapter.type {a.type} (train it with train.pack 1)")
+    elif a.dropout or a.bias != "none":
+        problems.append(f"train.pack={pack} needs adapter.dropout 0 and adapter.bias none, got {a.dropout} and {a.bias}")
+    if a.text_encoder is not None:
+        problems.append(f"train.pack={pack} trains the UNet only: drop adapter.text_encoder or use train.pack 1")
+    if job.train.mixed_precision == "fp16":
+        problems.append(f"train.pack={pack} needs bf16 or fp32 (train.mixed_precision), not fp16 (its loss scaling "
+                        "would be shared by every subject in the pack)")
+    return problems
 
 
 def check_job(job: JobConfig, check_inputs: bool = True) -> tuple[list[str], list[str]]:

@@ -132,15 +132,23 @@ def test_packed_layer_matches_peft_per_sample(tiny_model):
         assert (alone - batched[row:row + 1]).abs().max() < 1e-5
 
 
-def test_packed_refuses_loha():
+@pytest.mark.parametrize("change, message", [
+    ({"adapter": {"type": "loha", "rank": 4}}, "trains LoRA only, got adapter.type loha"),
+    ({"adapter": {"type": "lora", "rank": 4, "dropout": 0.1}}, "needs adapter.dropout 0 and adapter.bias none"),
+    ({"adapter": {"type": "lora", "rank": 4, "text_encoder": {"rank": 2}}}, "trains the UNet only"),
+    ({"train": {"pack": 2, "mixed_precision": "fp16"}}, "needs bf16 or fp32"),
+    ({"distributed": {"strategy": "ddp", "nproc_per_node": 2}}, "needs distributed.strategy subject"),
+])
+def test_what_a_pack_cannot_train_is_refused_before_anything_runs(change, message):
+    """By `launcher validate` and by the worker, which both read `unsupported`."""
     from launcher.config import JobConfig
-    from launcher.errors import ConfigError
-    from training import packed
+    from launcher.validate import unsupported
 
-    job = JobConfig.model_validate({"name": "x", "model": {"source": "/m"}, "adapter": {"type": "loha", "rank": 4},
-                                    "subjects": [{"id": "a", "images": "/x", "instance_prompt": "p"}]})
-    with pytest.raises(ConfigError, match="lora only"):
-        packed.check_supported(job.adapter)
+    job = {"name": "x", "model": {"source": "/m"}, "train": {"pack": 2},
+           "subjects": [{"id": "a", "images": "/x", "instance_prompt": "p"}]}
+    assert unsupported(JobConfig.model_validate(job)) == []
+    problems = unsupported(JobConfig.model_validate({**job, **change}))
+    assert len(problems) == 1 and message in problems[0], problems
 
 
 def test_preempted_pack_checkpoints_every_slot_and_resumes_to_the_straight_result(tiny_model, subjects_root, tmp_path):

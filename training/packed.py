@@ -10,7 +10,7 @@ gradient checkpointing (the router keeps its index for the recompute), autocast 
 
 Supported: LoRA on nn.Linear and nn.Conv2d (dropout 0, bias "none"). LoHa and LoKr are not
 packed (their Hadamard/Kronecker products would need a per-slot weight rebuild); a packed job
-with them is refused before training.
+with them is refused by `launcher.validate.unsupported` before training.
 
 `install` swaps the PEFT LoRA layers that `adapters.attach` injected for packed ones (the PEFT
 init becomes every slot's init, so packed and single runs start from the same weights);
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.errors import ConfigError
 from training import adapters
 
 
@@ -73,21 +72,6 @@ class PackedLora(nn.Module):
             up = torch.bmm(torch.bmm(flat, a.transpose(1, 2).to(dtype)), b.transpose(1, 2).to(dtype))
             up = up.reshape(*out.shape)
         return out + up * self.scaling
-
-
-def check_supported(spec) -> None:
-    """Refuse what the packed layer cannot train exactly like a single run."""
-    problems = []
-    if spec.type != "lora":
-        problems.append(f"adapter.type {spec.type!r} (packed training supports lora only)")
-    elif spec.dropout:
-        problems.append(f"adapter.dropout {spec.dropout} (packed training needs 0)")
-    elif spec.bias != "none":
-        problems.append(f"adapter.bias {spec.bias!r} (packed training needs 'none')")
-    if getattr(spec, "text_encoder", None) is not None:
-        problems.append("adapter.text_encoder (packed training trains the UNet only)")
-    if problems:
-        raise ConfigError("train.pack > 1 cannot be used with " + "; ".join(problems))
 
 
 def install(model: nn.Module, num_slots: int) -> tuple[Router, dict[str, PackedLora]]:

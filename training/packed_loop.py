@@ -92,8 +92,6 @@ class PackedTrainer:
         gen = torch.Generator(self.c.device).manual_seed(seed)
         views = [torch.nn.Parameter(p.data[slot]) for p in self.params]  # share storage with the stack
         stepper = Stepper([{"params": views, "lr": lr}], job, self.c.device, steps)
-        if stepper.scaler is not None:
-            raise ConfigError("train.pack > 1 needs bf16 or fp32 (train.mixed_precision), not fp16")
         s = Slot(subject, steps, gen, stepper, views, data.prior is not None, data)
         self.slots[slot] = s
         return s
@@ -171,7 +169,6 @@ def resolve_pack(job: JobConfig, device: torch.device) -> int:
 def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[Outcome]:
     """The worker's subjects, `num_slots` at a time, with continuous batching."""
     job = worker.job
-    packed.check_supported(job.adapter)
     class_images = worker.setup(subjects)
     c = worker.c
     trainer = PackedTrainer(c, job, num_slots, worker.init_state["unet"])
