@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.errors import ConfigError
 from training import adapters
 
 
