@@ -156,7 +156,7 @@ def run_step(args) -> list[dict]:
                      "tflop_per_step": round(flops / 1e12, 6),
                      "mfu": round(flops / dt / (args.peak_tflops * 1e12), 4) if cuda else None})
         packed.uninstall(unet, layers)
-        del opts
+        opts = None  # this K's optimizer state freed before the next
         if cuda:
             torch.cuda.empty_cache()
     base = rows[0].get("subjects_per_hour")

@@ -95,8 +95,6 @@ def _lycoris_apply(weights, prefix, model) -> int:
                                               strict=True, reason="lycoris' make_module rebuilds tiny decomposed "
                                               "w2 factors as full matrices (AttributeError lokr_w2_a)"))])
 def test_lycoris_loads_kohya_file(tiny_model, tmp_path, kind, with_te):
-    from lycoris.kohya import create_network_from_weights
-
     spec = SPECS[kind]
     unet, te, trained = _trained(tiny_model, spec, spec if with_te else None)
     sample, ids = _inputs(unet)

@@ -362,7 +362,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
         shutil.rmtree(staging, ignore_errors=True)
     worker.progress.end_subject()
     states = _gathered_adapters(job, accelerator.unwrap_model(model))
-    del model, optimizer, scheduler, view, save_checkpoint
+    model = optimizer = scheduler = view = None  # dropped (the checkpoint closure too) before the models return
     accelerator.free_memory()  # the engine's memory, before the worker's own models come back for publishing
     _return_models(worker)
     if not _broadcast(keeper.held() if env.is_main else None):
