@@ -8,6 +8,7 @@ the current working directory, as any command-line tool does.
 
 from __future__ import annotations
 
+import gzip
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -435,14 +436,22 @@ def job_from_dict(data: Any, source: str = "job file") -> JobConfig:
         raise ConfigError(f"{source} is invalid", _format_errors(exc)) from None
 
 
+def read_file_text(path: Path) -> str:
+    """A local file's text; a `.gz` file is decompressed (a large fleet's job file and plan travel
+    gzipped in a Kubernetes ConfigMap)."""
+    if path.suffix == ".gz":
+        return gzip.decompress(path.read_bytes()).decode()
+    return path.read_text()
+
+
 def read_job_dict(path: str | Path) -> dict:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = read_file_text(path)
     except FileNotFoundError:
         raise ConfigError(f"job file {path} does not exist") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"job file {path} cannot be read: {exc}") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
+        raise ConfigError(f"job file {path} cannot be read: {exc or type(exc).__name__}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

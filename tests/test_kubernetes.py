@@ -8,6 +8,7 @@ Regenerate golden files and k8s/examples/ after a deliberate change:
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import os
@@ -193,6 +194,60 @@ def test_render_refuses_a_multi_node_fleet_as_an_indexed_job():
         k8s.render_files(cfg, list(cfg.subjects))
 
 
+def _fleet(count: int) -> dict:
+    subjects = [{"id": f"customer-{i:06d}", "images": f"s3://photos/customer-{i:06d}/",
+                 "instance_prompt": "a photo of sks person", "class_prompt": "a photo of a person"} for i in range(count)]
+    return {**case("indexed-job", nnodes=1, shards=8), "subjects": subjects}
+
+
+def test_a_large_fleet_travels_gzipped_in_a_configmap_the_worker_reads(tmp_path):
+    """3,000 subjects make the job file and plan ~600 KiB of text: they travel gzipped in
+    binaryData, the objects still validate, and what a pod mounts is what the worker reads."""
+    import base64
+
+    import kubernetes_validate
+
+    from launcher.render.kubernetes import PLAIN_LIMIT
+    from training.worker import _load_plan
+
+    cfg = job_from_dict(_fleet(3000))
+    files = k8s.render_files(cfg, list(cfg.subjects))
+    assert files == k8s.render_files(cfg, list(cfg.subjects))  # same input, same bytes, gzip included
+    cm = next(o for o in objects(files) if o["kind"] == "ConfigMap")
+    assert "data" not in cm and sorted(cm["binaryData"]) == ["job.yaml.gz", "plan.json.gz"]
+    packed = {name: base64.b64decode(b64) for name, b64 in cm["binaryData"].items()}
+    assert sum(map(len, packed.values())) < PLAIN_LIMIT / 4
+    for obj in objects(files):
+        if obj["kind"] in ("ConfigMap", "Job"):
+            kubernetes_validate.validate(obj, kubernetes_validate.latest_version(), strict=True)
+    job = next(o for o in objects(files) if o["kind"] == "Job")
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[-2:] == ["--job", "/etc/dreamfleet/job.yaml.gz"]
+    for name, data in packed.items():  # the ConfigMap as the pod mounts it
+        (tmp_path / name).write_bytes(data)
+    assert load_job(tmp_path / "job.yaml.gz") == cfg
+    plan = _load_plan(None, str(tmp_path / "job.yaml.gz"))  # the plan beside the job file, gzipped too
+    assert plan.num_shards == 8 and len(plan.shards) == 3000
+
+
+def test_a_fleet_too_large_for_a_configmap_is_refused_with_a_way_out(monkeypatch):
+    from launcher.errors import ConfigError
+    from launcher.render import kubernetes as render
+
+    monkeypatch.setattr(render, "CONFIGMAP_LIMIT", 16 * 1024)  # 1 MiB holds ~100,000 subjects gzipped
+    cfg = job_from_dict(_fleet(3000))
+    with pytest.raises(ConfigError, match="over the 1 MiB a Kubernetes ConfigMap holds: split the subjects"):
+        k8s.render_files(cfg, list(cfg.subjects))
+
+
+def test_a_damaged_gzipped_job_file_is_a_clear_error(tmp_path):
+    from launcher.errors import ConfigError
+
+    (tmp_path / "job.yaml.gz").write_bytes(b"not gzip")
+    with pytest.raises(ConfigError, match="job.yaml.gz cannot be read"):
+        load_job(tmp_path / "job.yaml.gz")
+
+
 # ----------------------------------------------------------------------------- pod simulation
 
 
@@ -208,7 +263,8 @@ def _expand(value: str, env: dict[str, str]) -> str:
 
 
 @pytest.mark.slow
-def test_simulated_pods_of_an_indexed_job_rendezvous_and_train(tmp_path, tiny_model, subjects_root):
+@pytest.mark.parametrize("gzipped", [False, True], ids=["plain", "gzipped"])
+def test_simulated_pods_of_an_indexed_job_rendezvous_and_train(tmp_path, tiny_model, subjects_root, gzipped, monkeypatch):
     """Run each pod of the rendered Indexed Job as a local process: command, args, env and the
     job file come from the manifests; only the cluster's own pieces are substituted, each
     explicitly: the Service DNS name -> 127.0.0.1, the rendezvous port -> a free one, the
@@ -219,6 +275,8 @@ def test_simulated_pods_of_an_indexed_job_rendezvous_and_train(tmp_path, tiny_mo
                                                 distributed={"nnodes": 2, "nproc_per_node": 1},
                                                 cluster={"backend": "kubernetes", "image": "dreamfleet:test"})))
     job = load_job(job_file)
+    if gzipped:  # as a large fleet's job file and plan travel
+        monkeypatch.setattr("launcher.render.kubernetes.PLAIN_LIMIT", 0)
     rendered_dir = tmp_path / "manifests"
     k8s.render(job, list(job.subjects), rendered_dir)
     docs = [yaml.safe_load(p.read_text()) for p in sorted(rendered_dir.glob("*.yaml"))]
@@ -232,8 +290,12 @@ def test_simulated_pods_of_an_indexed_job_rendezvous_and_train(tmp_path, tiny_mo
     job_mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "job")
     for path in mounts.values():
         path.mkdir(parents=True, exist_ok=True)
-    for key, text in cm["data"].items():
+    for key, text in cm.get("data", {}).items():
         (mounts[job_mount] / key).write_text(text)
+    for key, b64 in cm.get("binaryData", {}).items():
+        (mounts[job_mount] / key).write_bytes(base64.b64decode(b64))
+    assert sorted(p.name for p in mounts[job_mount].iterdir()) == (["job.yaml.gz", "plan.json.gz"] if gzipped
+                                                                   else ["job.yaml", "plan.json"])
 
     def local(value: str) -> str:
         for mount_path, folder in mounts.items():

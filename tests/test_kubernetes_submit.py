@@ -53,7 +53,7 @@ def test_submit_without_a_context_says_how_to_apply(tmp_path):
     proc = run_cli("submit", EXAMPLE, "--backend", "kubernetes", "--out", str(tmp_path / "d"),
                    env={"KUBECONFIG": str(empty)})
     assert proc.returncode != 0
-    assert "no kubectl context" in proc.stderr and "kubectl apply -k" in proc.stderr
+    assert "no kubectl context" in proc.stderr and "kubectl apply --server-side -k" in proc.stderr
     assert (tmp_path / "d" / "Kustomization").exists()  # rendered all the same, ready to apply
 
 

@@ -35,17 +35,19 @@ def _setup_logging(rank: int) -> None:
 def _load_plan(path: str | None, job_file: str):
     from pathlib import Path
 
+    from launcher.config import read_file_text
     from launcher.errors import ConfigError
     from launcher.plan import PLAN_FILE, ShardPlan
 
-    plan_file = Path(path) if path else Path(job_file).with_name(PLAN_FILE)
+    beside = PLAN_FILE + ".gz" if job_file.endswith(".gz") else PLAN_FILE  # gzipped beside a gzipped job file
+    plan_file = Path(path) if path else Path(job_file).with_name(beside)
     if not plan_file.exists():
         if path:
             raise ConfigError(f"shard plan {plan_file} does not exist")
         return None
     try:
-        return ShardPlan.from_json(plan_file.read_text())
-    except (ValueError, KeyError, TypeError) as exc:
+        return ShardPlan.from_json(read_file_text(plan_file))
+    except (ValueError, KeyError, TypeError, OSError, EOFError) as exc:
         raise ConfigError(f"shard plan {plan_file} is not valid: {exc}") from None
 
 

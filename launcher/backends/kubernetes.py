@@ -4,6 +4,9 @@ with kubectl when a context is configured.
 The kustomization file is named `Kustomization` (a name kustomize reads) rather than
 `kustomization.yaml`, because `kubectl apply -f DIR` reads every *.yaml in DIR and would try to
 apply the kustomization itself; this way both `kubectl apply -k DIR` and `-f DIR` work.
+
+`submit` applies server-side: a client-side apply keeps a copy of every object in an annotation
+limited to 256 KiB, which the job file's ConfigMap of a large fleet outgrows.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan
 from launcher.render.kubernetes import render_manifests
 
 KUSTOMIZATION = "Kustomization"
+APPLY = "kubectl apply --server-side -k"
 
 
 def dump(obj: dict) -> str:
@@ -54,7 +58,7 @@ def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: S
 
 
 def _kubectl(args: list[str], what: str) -> str:
-    return run_tool(["kubectl", *args], what, "apply the rendered directory from where it is: kubectl apply -k DIR")
+    return run_tool(["kubectl", *args], what, f"apply the rendered directory from where it is: {APPLY} DIR")
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
@@ -66,8 +70,8 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
         if shutil.which("kubectl") else None
     if context is None or context.returncode:
         raise UserError(f"no kubectl context is configured; the manifests are in {out_dir}: "
-                        f"apply them with `kubectl apply -k {out_dir}` where a cluster is reachable")
-    return _kubectl(["apply", "-k", str(out_dir)], "kubectl apply")
+                        f"apply them with `{APPLY} {out_dir}` where a cluster is reachable")
+    return _kubectl([*APPLY.split()[1:], str(out_dir)], "kubectl apply")
 
 
 def cancel(name: str, namespace: str = "default") -> str:

@@ -9,12 +9,18 @@ Flavours:
 - `pytorchjob`: Kubeflow's PyTorchJob (kubeflow.org/v1), Master + Workers.
 - `jobset`: a JobSet (jobset.x-k8s.io/v1alpha2): one replicated Job per shard, nnodes pods each.
 
-Credentials are only referenced (a Secret by name, or a service account); the job file travels in
-a ConfigMap. `queue` adds Kueue's queue-name label and creates the workload suspended.
+Credentials are only referenced (a Secret by name, or a service account); the job file and the
+shard plan travel in a ConfigMap: as text, or gzipped (`job.yaml.gz`, `plan.json.gz` in
+binaryData) when a fleet's subjects make them larger than PLAIN_LIMIT, so that thousands of
+subjects fit in the 1 MiB a ConfigMap holds. `queue` adds Kueue's queue-name label and creates
+the workload suspended.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
+from dataclasses import dataclass
 from typing import Any
 
 from launcher.config import JobConfig, KubernetesConfig
@@ -28,6 +34,8 @@ RDZV_PORT = 29500
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 75
 UID = 10001  # the worker image's non-root user
+CONFIGMAP_LIMIT = 1024 * 1024  # bytes of data a ConfigMap may hold (Kubernetes' validation)
+PLAIN_LIMIT = 256 * 1024  # larger job files and plans are gzipped
 
 
 def labels(job: JobConfig) -> dict[str, str]:
@@ -40,10 +48,37 @@ def _meta(job: JobConfig, name: str, extra_labels: dict | None = None) -> dict:
     return meta
 
 
-def configmap(job: JobConfig, job_yaml: str, plan_json: str) -> dict:
+@dataclass(frozen=True)
+class JobFiles:
+    """The ConfigMap's payload, mounted at JOB_MOUNT, and the job file's path in the pod (the
+    worker reads the plan beside it, gzipped beside a gzipped job file)."""
+
+    data: dict[str, str]
+    binary_data: dict[str, str]
+    job_path: str
+
+
+def job_files(job_yaml: str, plan_json: str) -> JobFiles:
+    texts = {"job.yaml": job_yaml, "plan.json": plan_json}
+    if sum(len(t.encode()) for t in texts.values()) <= PLAIN_LIMIT:
+        return JobFiles(texts, {}, f"{JOB_MOUNT}/job.yaml")
+    packed = {f"{name}.gz": gzip.compress(text.encode(), mtime=0) for name, text in texts.items()}  # same input, same bytes
+    size = sum(len(b) for b in packed.values())
+    if size > CONFIGMAP_LIMIT - 4096:
+        raise ConfigError(f"the job file and shard plan are {size / 2**20:.1f} MiB even gzipped, over the 1 MiB a "
+                          "Kubernetes ConfigMap holds: split the subjects into several jobs (or use the Slurm backend, "
+                          "which reads the job file from shared storage)")
+    return JobFiles({}, {name: base64.b64encode(b).decode() for name, b in packed.items()}, f"{JOB_MOUNT}/job.yaml.gz")
+
+
+def configmap(job: JobConfig, files: JobFiles) -> dict:
     """The resolved job file and the shard plan, mounted side by side at JOB_MOUNT."""
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(job, f"{job.name}-job"),
-            "data": {"job.yaml": job_yaml, "plan.json": plan_json}}
+    cm: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _meta(job, f"{job.name}-job")}
+    if files.data:
+        cm["data"] = files.data
+    if files.binary_data:
+        cm["binaryData"] = files.binary_data
+    return cm
 
 
 def headless_service(job: JobConfig) -> dict:
@@ -61,13 +96,17 @@ def network_policy(job: JobConfig) -> dict:
             "spec": {"podSelector": own, "policyTypes": ["Ingress"], "ingress": [{"from": [{"podSelector": own}]}]}}
 
 
-def torchrun_args(plan: Plan, multi_node: bool) -> list[str]:
+def torchrun_args(plan: Plan, multi_node: bool, files: JobFiles) -> list[str]:
     args = ["-m", AGENT_MODULE, f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}"]
     if multi_node:
         args += ["--rdzv-backend=c10d", f"--rdzv-endpoint=$(DREAMFLEET_RDZV_HOST):{RDZV_PORT}", "--rdzv-id=$(DREAMFLEET_RDZV_ID)"]
     else:
         args += ["--standalone"]
-    return args + ["-m", "training.worker", "--job", f"{JOB_MOUNT}/job.yaml"]
+    return args + worker_args(files)
+
+
+def worker_args(files: JobFiles) -> list[str]:
+    return ["-m", "training.worker", "--job", files.job_path]
 
 
 def _env(job: JobConfig, plan: Plan, extra: list[dict]) -> list[dict]:
@@ -148,7 +187,7 @@ def _kueue(job: JobConfig, meta: dict, spec: dict) -> None:
         spec["suspend"] = True
 
 
-def indexed_job(job: JobConfig, plan: Plan) -> list[dict]:
+def indexed_job(job: JobConfig, plan: Plan, files: JobFiles) -> list[dict]:
     k = job.cluster.kubernetes
     fleet = plan.num_shards > 1
     if fleet and plan.nnodes > 1:
@@ -164,7 +203,7 @@ def indexed_job(job: JobConfig, plan: Plan) -> list[dict]:
     spec: dict[str, Any] = {
         "completionMode": "Indexed", "completions": completions,
         "parallelism": min(k.parallelism or completions, completions) if fleet else completions,
-        "template": _pod_template(job, pod_spec(job, plan, torchrun_args(plan, multi_node), env_extra, job.name)),
+        "template": _pod_template(job, pod_spec(job, plan, torchrun_args(plan, multi_node, files), env_extra, job.name)),
     }
     if fleet:
         spec["backoffLimitPerIndex"] = k.backoff_limit
@@ -178,13 +217,13 @@ def indexed_job(job: JobConfig, plan: Plan) -> list[dict]:
     return ([headless_service(job)] if multi_node else []) + out
 
 
-def pytorchjob(job: JobConfig, plan: Plan) -> list[dict]:
+def pytorchjob(job: JobConfig, plan: Plan, files: JobFiles) -> list[dict]:
     k = job.cluster.kubernetes
     if plan.num_shards > 1:
         raise ConfigError("cluster.kubernetes.flavour pytorchjob runs one shard: use indexed-job or jobset for fleets")
     args = ["-m", AGENT_MODULE, f"--nnodes={plan.nnodes}", f"--nproc-per-node={plan.nproc_per_node}",
             "--node-rank=$(RANK)", "--master-addr=$(MASTER_ADDR)", "--master-port=$(MASTER_PORT)",
-            "-m", "training.worker", "--job", f"{JOB_MOUNT}/job.yaml"]
+            *worker_args(files)]
     env_extra = [{"name": "DREAMFLEET_SHARD_INDEX", "value": "0"}]
 
     def replica(count: int) -> dict:
@@ -204,7 +243,7 @@ def pytorchjob(job: JobConfig, plan: Plan) -> list[dict]:
     return [{"apiVersion": "kubeflow.org/v1", "kind": "PyTorchJob", "metadata": meta, "spec": spec}]
 
 
-def jobset(job: JobConfig, plan: Plan) -> list[dict]:
+def jobset(job: JobConfig, plan: Plan, files: JobFiles) -> list[dict]:
     k = job.cluster.kubernetes
     multi_node = plan.nnodes > 1
     shard = "$(DREAMFLEET_SHARD_INDEX)"
@@ -213,7 +252,7 @@ def jobset(job: JobConfig, plan: Plan) -> list[dict]:
     if multi_node:
         env_extra += [{"name": "DREAMFLEET_RDZV_HOST", "value": f"{job.name}-workers-{shard}-0.{job.name}"},
                       {"name": "DREAMFLEET_RDZV_ID", "value": f"{job.name}-{shard}"}]
-    pod = pod_spec(job, plan, torchrun_args(plan, multi_node), env_extra, None)
+    pod = pod_spec(job, plan, torchrun_args(plan, multi_node, files), env_extra, None)
     job_spec = {"completionMode": "Indexed", "completions": plan.nnodes, "parallelism": plan.nnodes,
                 "backoffLimit": 0, "podFailurePolicy": _failure_policy(), "template": _pod_template(job, pod)}
     spec: dict[str, Any] = {
@@ -231,4 +270,5 @@ FLAVOURS = {"indexed-job": indexed_job, "pytorchjob": pytorchjob, "jobset": jobs
 
 def render_manifests(job: JobConfig, plan: Plan, job_yaml: str, plan_json: str) -> list[dict]:
     """Every object to apply, in apply order: the job file's ConfigMap first."""
-    return [configmap(job, job_yaml, plan_json), network_policy(job)] + FLAVOURS[job.cluster.kubernetes.flavour](job, plan)
+    files = job_files(job_yaml, plan_json)
+    return [configmap(job, files), network_policy(job)] + FLAVOURS[job.cluster.kubernetes.flavour](job, plan, files)
