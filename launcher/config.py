@@ -18,6 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from launcher.errors import ConfigError
 
+# libyaml's safe loader and dumper where PyYAML has them (its wheels do): ten times the speed of
+# the pure-Python ones, which took 20 s to read a 20,000-subject job file
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 SUBJECT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
 
@@ -453,7 +458,7 @@ def read_job_dict(path: str | Path) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
         raise ConfigError(f"job file {path} cannot be read: {exc or type(exc).__name__}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -473,4 +478,4 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
 
 def dump_job(job: JobConfig) -> str:
     """The resolved job as YAML: what actually ran, saved next to the outputs."""
-    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return yaml.dump(job.model_dump(mode="json"), Dumper=YAML_DUMPER, sort_keys=False, allow_unicode=True)

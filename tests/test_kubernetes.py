@@ -230,6 +230,23 @@ def test_a_large_fleet_travels_gzipped_in_a_configmap_the_worker_reads(tmp_path)
     assert plan.num_shards == 8 and len(plan.shards) == 3000
 
 
+@pytest.mark.parametrize("prompt", ["trailing spaces   ", "a\ttab", "--- a document marker", "# not a comment",
+                                    "quotes ' \" and \\ backslash", "ünïcødé ✓", "line one\nline two", "$(rm -rf /)"])
+def test_the_configmap_job_file_is_readable_and_holds_any_prompt_exactly(prompt):
+    """The job file in the ConfigMap is a literal block (readable with kubectl get -o yaml) where
+    YAML allows one, and quoted where it does not: either way the worker reads the same job."""
+    from launcher.config import dump_job
+
+    cfg = job_from_dict({**BASE, "subjects": [{**BASE["subjects"][0], "instance_prompt": prompt}]})
+    files = k8s.render_files(cfg, list(cfg.subjects))
+    text = files["00-configmap-pets-job.yaml"]
+    cm = yaml.safe_load(text)
+    assert cm["data"]["job.yaml"] == dump_job(cfg)
+    assert job_from_dict(yaml.safe_load(cm["data"]["job.yaml"])).subjects[0].instance_prompt == prompt
+    if "\t" not in prompt and "   " not in prompt:
+        assert "job.yaml: |" in text
+
+
 def test_a_fleet_too_large_for_a_configmap_is_refused_with_a_way_out(monkeypatch):
     from launcher.errors import ConfigError
     from launcher.render import kubernetes as render

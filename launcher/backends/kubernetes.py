@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from launcher.backends import run_tool
-from launcher.config import JobConfig, Subject, dump_job
+from launcher.config import YAML_DUMPER, JobConfig, Subject, dump_job
 from launcher.errors import UserError
 from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan
 from launcher.render.kubernetes import render_manifests
@@ -27,8 +27,20 @@ KUSTOMIZATION = "Kustomization"
 APPLY = "kubectl apply --server-side -k"
 
 
+class _Dumper(YAML_DUMPER):
+    """Multi-line strings (the job file and plan in the ConfigMap) as literal blocks: readable
+    with `kubectl get configmap -o yaml`, and diffable."""
+
+
+def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
 def dump(obj: dict) -> str:
-    return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False, allow_unicode=True, width=120)
+    return yaml.dump(obj, Dumper=_Dumper, sort_keys=True, default_flow_style=False, allow_unicode=True, width=120)
 
 
 def file_name(index: int, obj: dict) -> str:
