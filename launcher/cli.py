@@ -140,43 +140,59 @@ def _job_uri(target: str) -> str:
     return target
 
 
-def _print_status_table(job_uri: str) -> None:
+TABLE_ROWS = 40  # subjects listed by `status` before it summarizes (--all lists every one)
+
+
+def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bool = True) -> None:
+    """One row per subject; for a larger fleet without show_all, the unfinished ones first (running,
+    failed, pending) up to TABLE_ROWS, and a line for the rest."""
     from rich.console import Console
     from rich.table import Table
 
     from launcher import ledger, storage
 
+    statuses = ledger.list_statuses(job_uri) if statuses is None else statuses
+    rows = statuses
+    if not show_all and len(statuses) > TABLE_ROWS:
+        order = {"running": 0, "failed": 1, "pending": 2, "done": 3}
+        rows = sorted(statuses, key=lambda s: order.get(s.state, 4))[:TABLE_ROWS]
     table = Table(title=f"subjects in {storage.redact(job_uri)}")
     for col in ("subject", "state", "step", "final loss", "output"):
         table.add_column(col)
-    for s in ledger.list_statuses(job_uri):
+    for s in rows:
         loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
         where = ledger.subject_uri(job_uri, s.id) if s.state == "done" else (s.error or "")[:80]
         table.add_row(s.id, s.state, f"{s.step}/{s.steps}", loss, where)
     Console(stderr=False, width=160).print(table)
+    if len(rows) < len(statuses):
+        typer.echo(f"... and {len(statuses) - len(rows)} more subjects (--all lists every one, --json gives them all)")
 
 
 @app.command()
 @user_errors
 def status(target: str = typer.Argument(..., help="Job file or the job's output URI (<output>/<job name>)."),
-           as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+           as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           show_all: bool = typer.Option(False, "--all", help=f"List every subject (default: at most {TABLE_ROWS}, "
+                                                                "unfinished first).")):
     """Counts by state, throughput, ETA, failures, and each subject, from the ledger in the output."""
-    from launcher import fleet
+    from launcher import fleet, ledger
 
     job_uri = _job_uri(target)
     if as_json:
         typer.echo(fleet.status_json(job_uri))
         return
-    _print_status_table(job_uri)
-    from launcher import ledger
-
-    summary = fleet.summarize(ledger.list_statuses(job_uri))
+    statuses = ledger.list_statuses(job_uri)
+    _print_status_table(job_uri, statuses, show_all)
+    summary = fleet.summarize(statuses)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     rate = f"{summary['subjects_per_hour']:.1f} subjects/hour" if summary["subjects_per_hour"] else "no throughput yet"
     eta = f", ETA {summary['eta_s'] / 60:.0f} min" if summary["eta_s"] else ""
     typer.echo(f"{summary['total']} subjects: {counts}; {rate}{eta}")
-    for failure in summary["failures"]:
+    failures = summary["failures"] if show_all else summary["failures"][:TABLE_ROWS]
+    for failure in failures:
         typer.secho(f"failed {failure['id']} ({failure['attempts']} attempt(s)): {failure['error']}", fg=typer.colors.RED)
+    if len(failures) < len(summary["failures"]):
+        typer.echo(f"... and {len(summary['failures']) - len(failures)} more failures (--all, or --json)")
 
 
 @app.command()
@@ -190,7 +206,7 @@ def report(target: str = typer.Argument(..., help="Job file or the job's output 
 
 def _finish_local(job_uri: str) -> None:
     """After a local run: the status table, and the report in the job's output."""
-    _print_status_table(job_uri)
+    _print_status_table(job_uri, show_all=False)
     try:
         typer.echo(f"report: {_write_report(job_uri)}")
     except (OSError, UserError) as exc:  # the training is done either way; say why there is no page

@@ -9,6 +9,7 @@ import base64
 import html
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from launcher import ledger, storage
@@ -104,18 +105,32 @@ def _samples(job_uri: str, sid: str, limit: int = 4) -> str:
 REPORT_FILE = "report.html"  # in the job's output, beside subjects/
 
 
+REPORT_CARDS = 200  # subjects with a card (curve, samples) in one page; the rest are counted
+
+
+def _card(job_uri: str, s: SubjectStatus) -> str:
+    esc = html.escape
+    body = (f"{_curve(_metrics(job_uri, s.id))}<div class='samples'>{_samples(job_uri, s.id)}</div>"
+            if s.state == "done" else f"<p class='error'>{esc(s.error or s.state)}</p>")
+    loss = f", final loss {s.final_loss:.4f}" if s.final_loss is not None else ""
+    return (f"<section class='card {esc(s.state)}' id='subject-{esc(s.id)}'><h2>{esc(s.id)}</h2>"
+            f"<p class='meta'>{esc(s.state)}, step {s.step}/{s.steps}, attempts {s.attempts}{loss}</p>{body}</section>")
+
+
 def render_report(job_uri: str) -> str:
+    """The page for a fleet: every failure in a table, and a card for each subject up to
+    REPORT_CARDS (failed and running first, then the most recently finished)."""
     statuses = ledger.list_statuses(job_uri)
     summary = summarize(statuses)
     esc = html.escape
     rate = f"{summary['subjects_per_hour']:.1f}" if summary["subjects_per_hour"] else "-"
-    cards = []
-    for s in statuses:
-        body = (f"{_curve(_metrics(job_uri, s.id))}<div class='samples'>{_samples(job_uri, s.id)}</div>"
-                if s.state == "done" else f"<p class='error'>{esc(s.error or s.state)}</p>")
-        loss = f", final loss {s.final_loss:.4f}" if s.final_loss is not None else ""
-        cards.append(f"<section class='card {esc(s.state)}' id='subject-{esc(s.id)}'><h2>{esc(s.id)}</h2>"
-                     f"<p class='meta'>{esc(s.state)}, step {s.step}/{s.steps}, attempts {s.attempts}{loss}</p>{body}</section>")
+    order = {"failed": 0, "running": 1}
+    shown = sorted(statuses, key=lambda s: (order.get(s.state, 2), -(s.finished_at or 0)))[:REPORT_CARDS]
+    shown.sort(key=lambda s: s.id)
+    with ThreadPoolExecutor(max_workers=ledger.READERS) as pool:  # each card reads its metrics and samples
+        cards = list(pool.map(lambda s: _card(job_uri, s), shown))
+    more = (f"<p class='muted'>{len(statuses) - len(shown)} more subjects without a card here: "
+            "<code>launcher status --json</code> lists every one</p>" if len(shown) < len(statuses) else "")
     counts = " · ".join(f"{k}: {v}" for k, v in summary["counts"].items())
     failures = "".join(f"<tr><td>{esc(f['id'])}</td><td>{f['attempts']}</td><td>{esc(f['error'] or '')}</td></tr>"
                        for f in summary["failures"])
@@ -136,6 +151,6 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding
 <h2>Failures</h2>
 {'<table><tr><th>subject</th><th>attempts</th><th>error</th></tr>' + failures + '</table>' if failures else '<p>none</p>'}
 <h2>Subjects</h2>
-<div class="cards">{''.join(cards)}</div>
+<div class="cards">{''.join(cards)}</div>{more}
 </body></html>
 """

@@ -74,7 +74,10 @@ def _storage_options(uri: str) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"client_kwargs": {"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}}
         if endpoint:
             kwargs["client_kwargs"]["endpoint_url"] = endpoint
-        kwargs["skip_instance_cache"] = True
+        # fsspec keeps one instance per process and options (shared by threads: its calls run on
+        # one IO loop), so the client and its connections are made once, not per call (~0.3 s each);
+        # listings are never cached: the ledger and the claims must see other workers' writes
+        kwargs["use_listings_cache"] = False
         return kwargs
     return {}
 

@@ -1,7 +1,8 @@
 """A loopback HTTP proxy for tests that counts requests and injects bounded faults in front of a
 real server (tests/s3.py puts it before moto's S3): the next N requests answer 503 SlowDown, the
 next N have their connection reset without an answer, or PUTs to a matching path stall until
-released (at most 300 s). It binds 127.0.0.1 only.
+released (at most 300 s). It also keeps the most requests it has had in flight at once
+(`peak_in_flight`), which shows whether a client reads concurrently. It binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Proxy:
         self.faults = Faults()
         self.requests: list[tuple[str, str]] = []
         self.lock = threading.Lock()
+        self.in_flight = self.peak_in_flight = 0
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -39,6 +41,16 @@ class Proxy:
                 pass
 
             def _forward(self):
+                with proxy.lock:
+                    proxy.in_flight += 1
+                    proxy.peak_in_flight = max(proxy.peak_in_flight, proxy.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with proxy.lock:
+                        proxy.in_flight -= 1
+
+            def _answer(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 with proxy.lock:
@@ -98,6 +110,7 @@ class Proxy:
             self.faults.release.set()
             self.faults = Faults()
             self.requests.clear()
+            self.peak_in_flight = 0
 
     def count(self, method: str, containing: str) -> int:
         with self.lock:

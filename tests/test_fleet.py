@@ -166,3 +166,49 @@ def test_killed_fleet_resubmitted_publishes_every_subject_exactly_once(tmp_path,
             assert status["attempts"] == 2 and status["lease"] == 2
             assert "taking over a stale run" in second.stderr
             assert [h["lease"] for h in status["history"]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- large fleets
+
+
+def _ledger(job_uri: str, count: int, failed: int = 0, running: int = 0) -> None:
+    from launcher import ledger
+    from launcher.ledger import SubjectStatus
+
+    for i in range(count):
+        state = "failed" if i < failed else "running" if i < failed + running else "done"
+        ledger.write_status(job_uri, SubjectStatus(id=f"c-{i:04d}", state=state, steps=10, step=10 if state == "done" else 3,
+                                                   error="bad image" if state == "failed" else None,
+                                                   started_at=1000.0 + i, finished_at=2000.0 + i if state == "done" else None))
+
+
+def test_the_ledger_of_a_fleet_is_read_concurrently_and_in_order(s3):
+    from launcher import ledger
+
+    job_uri = f"s3://{s3['bucket']}/out/big"
+    _ledger(job_uri, 120)
+    s3["proxy"].reset()
+    statuses = ledger.list_statuses(job_uri)
+    assert [s.id for s in statuses] == [f"c-{i:04d}" for i in range(120)]
+    assert s3["proxy"].count("GET", "status.json") == 120
+    assert s3["proxy"].peak_in_flight > 1  # not one GET after another
+
+
+def test_status_and_report_of_a_large_fleet_stay_readable(tmp_path, monkeypatch):
+    """A fleet's status lists its unfinished subjects first, at most 40 (--all: every one); the
+    report gives every failure in its table and a card to at most 200 subjects."""
+    from launcher import fleet
+
+    job_uri = str(tmp_path / "out" / "big")
+    _ledger(job_uri, 250, failed=45, running=3)
+    text = run_cli("status", job_uri).stdout
+    rows = [line for line in text.splitlines() if "c-0" in line and "failed c-" not in line]
+    assert len(rows) == 40 and all(" failed " in r or " running " in r for r in rows), rows
+    assert "... and 210 more subjects" in text and "... and 5 more failures" in text
+    assert "250 subjects: pending 0, running 3, done 202, failed 45" in text
+    everything = run_cli("status", job_uri, "--all").stdout
+    assert sum("c-0" in line and "failed c-" not in line for line in everything.splitlines()) == 250
+    page = fleet.render_report(job_uri)
+    assert page.count("<section class='card") == 200 and "50 more subjects without a card" in page
+    assert all(f"id='subject-c-{i:04d}'" in page for i in range(48))  # the failed and running ones all have one
+    assert page.count("<tr><td>c-") == 45
