@@ -24,7 +24,7 @@ from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan
 from launcher.render.kubernetes import render_manifests
 
 KUSTOMIZATION = "Kustomization"
-APPLY = "kubectl apply --server-side -k"
+APPLY = ["kubectl", "apply", "--server-side", "-k"]  # followed by the rendered directory
 
 
 class _Dumper(YAML_DUMPER):
@@ -70,7 +70,7 @@ def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: S
 
 
 def _kubectl(args: list[str], what: str) -> str:
-    return run_tool(["kubectl", *args], what, f"apply the rendered directory from where it is: {APPLY} DIR")
+    return run_tool(["kubectl", *args], what, f"apply the rendered directory from where it is: {' '.join(APPLY)} DIR")
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
@@ -82,8 +82,8 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
         if shutil.which("kubectl") else None
     if context is None or context.returncode:
         raise UserError(f"no kubectl context is configured; the manifests are in {out_dir}: "
-                        f"apply them with `{APPLY} {out_dir}` where a cluster is reachable")
-    return _kubectl([*APPLY.split()[1:], str(out_dir)], "kubectl apply")
+                        f"apply them with `{' '.join(APPLY)} {out_dir}` where a cluster is reachable")
+    return _kubectl([*APPLY[1:], str(out_dir)], "kubectl apply")
 
 
 def cancel(name: str, namespace: str = "default") -> str:
