@@ -101,6 +101,9 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 
     job, subjects = _load(job_file, overrides)
     name = backend or job.cluster.backend
+    settled = _settled(job, subjects) if inputs or skip_invalid else {}
+    if subjects and len(settled) == len(subjects):
+        return  # nothing left to train; _settled said so
     if skip_invalid:
         from launcher.fleet import record_invalid
 
@@ -123,13 +126,37 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
         from launcher.backends import gather_shard_plan
 
         plan = gather_shard_plan(job, subjects)
-    result = get_backend(name).submit(job, subjects, out, dry_run=dry_run, shard_plan=plan)
+    result = get_backend(name).submit(job, subjects, out, dry_run=dry_run, shard_plan=plan, settled=settled)
     typer.echo(result)
     if name == "local" and not dry_run:
         _finish_local(job.job_uri)
         code = int(result.split()[-1])
         if code:
             raise typer.Exit(code)
+
+
+def _settled(job, subjects) -> dict[str, str]:
+    """{id: why} of the subjects the ledger says need no more training, said on stderr; when
+    that is all of them, also what to do instead."""
+    from launcher import ledger, storage
+
+    settled = ledger.settled_subjects(job.job_uri, [s.id for s in subjects], job.output.max_attempts)
+    if not settled:
+        return settled
+    done = sum(why == ledger.ALREADY_DONE for why in settled.values())
+    failed = len(settled) - done
+    what = f"{done} done" + (f", {failed} failed with no attempts left" if failed else "")
+    where = storage.redact(job.job_uri)
+    if len(settled) < len(subjects):
+        typer.secho(f"note: {len(settled)} of {len(subjects)} subject(s) need no training ({what}); "
+                    f"the rest are submitted", fg=typer.colors.YELLOW, err=True)
+        return settled
+    typer.echo(f"nothing to train: all {len(subjects)} subject(s) are settled in {where} ({what}).")
+    typer.echo(f"  launcher status {where}   lists them")
+    if failed:
+        typer.echo(f"  launcher retry-failed {where}   gives the failed ones new attempts")
+    typer.echo("  a new job name (or output.uri) trains every subject again")
+    return settled
 
 
 def _job_uri(target: str) -> str:

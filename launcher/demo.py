@@ -50,13 +50,18 @@ def run_demo(job_file: Path | None, overrides: list[str]) -> int:
     job_file = job_file or default_job()
     job = load_job(job_file, overrides)
     subjects = resolve_subjects(job)
-    started = time.perf_counter()
-    result = local.submit(job, subjects, Path(".dreamfleet") / job.name / "local")
-    elapsed = time.perf_counter() - started
-    from launcher.cli import _finish_local
+    from launcher.cli import _finish_local, _settled
 
+    settled = _settled(job, subjects)
+    if len(settled) == len(subjects):  # a second `make demo`: show what the first one trained
+        _finish_local(job.job_uri)
+        return 0
+    started = time.perf_counter()
+    result = local.submit(job, subjects, Path(".dreamfleet") / job.name / "local", settled=settled)
+    elapsed = time.perf_counter() - started
     _finish_local(job.job_uri)
     code = int(result.split()[-1])
-    steps = sum(s.steps or job.train.steps for s in subjects)
-    typer.echo(f"{len(subjects)} subject(s), {steps} steps in {elapsed:.0f}s; adapters under {job.job_uri}/subjects/")
+    trained = [s for s in subjects if s.id not in settled]
+    steps = sum(s.steps or job.train.steps for s in trained)
+    typer.echo(f"{len(trained)} subject(s), {steps} steps in {elapsed:.0f}s; adapters under {job.job_uri}/subjects/")
     return code

@@ -19,6 +19,7 @@ overwriting its successor.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -28,10 +29,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from launcher import storage
+from launcher.errors import UserError
+
+log = logging.getLogger(__name__)
 
 State = Literal["pending", "running", "done", "failed"]
 STATES: tuple[State, ...] = ("pending", "running", "done", "failed")
 READERS = 32  # concurrent reads of status files
+ALREADY_DONE = "already done"
 
 
 def subjects_uri(job_uri: str) -> str:
@@ -85,13 +90,44 @@ def write_status(job_uri: str, status: SubjectStatus) -> None:
     storage.write_json(status_uri(job_uri, status.id), asdict(status))
 
 
-def list_statuses(job_uri: str) -> list[SubjectStatus]:
-    """Every subject's status, in id order. Read READERS at a time: a fleet's ledger is thousands
-    of small objects, and one GET after another from a bucket takes minutes."""
-    ids = sorted(storage.list_names(subjects_uri(job_uri)))
+def read_statuses(job_uri: str, subject_ids: list[str]) -> dict[str, SubjectStatus | None]:
+    """These subjects' statuses (None: no status yet), READERS at a time: a fleet's ledger is
+    thousands of small objects, and one GET after another from a bucket takes minutes."""
     with ThreadPoolExecutor(max_workers=READERS) as pool:
-        found = list(pool.map(lambda sid: read_status(job_uri, sid), ids))
-    return [s for s in found if s is not None]
+        return dict(zip(subject_ids, pool.map(lambda sid: read_status(job_uri, sid), subject_ids)))
+
+
+def list_statuses(job_uri: str) -> list[SubjectStatus]:
+    """Every subject's status, in id order."""
+    ids = sorted(storage.list_names(subjects_uri(job_uri)))
+    return [s for s in read_statuses(job_uri, ids).values() if s is not None]
+
+
+def settled(status: SubjectStatus | None, max_attempts: int) -> str | None:
+    """Why a subject needs no more training (done, or failed with no attempt left), else None.
+    Both states are final until a user acts (`launcher retry-failed`, a new output)."""
+    if status is None:
+        return None
+    if status.state == "done":
+        return ALREADY_DONE
+    if status.state == "failed" and status.attempts >= max_attempts:
+        return f"failed {status.attempts} times (max_attempts={max_attempts})"
+    return None
+
+
+def settled_subjects(job_uri: str, subject_ids: list[str], max_attempts: int) -> dict[str, str]:
+    """{id: why} for the subjects among these that need no more training. One listing first,
+    so that only subjects with an entry in the ledger cost a read (a new job costs none). A
+    ledger that cannot be read settles nothing (with a warning): whoever trains a subject
+    checks its status again before claiming it."""
+    try:
+        known = set(storage.list_names(subjects_uri(job_uri)))
+        found = read_statuses(job_uri, [sid for sid in subject_ids if sid in known])
+    except (OSError, ValueError, UserError) as exc:
+        log.warning("cannot read the status ledger in %s (%s); treating every subject as unfinished",
+                    storage.redact(job_uri), exc)
+        return {}
+    return {sid: why for sid, status in found.items() if (why := settled(status, max_attempts))}
 
 
 # --------------------------------------------------------------------------- claims

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Collection
 
 from launcher.config import JobConfig, Subject
 
@@ -120,6 +121,7 @@ class Plan:
     num_shards: int
     strategy: str
     env: dict[str, str] = field(default_factory=dict)
+    run_shards: tuple[int, ...] | None = None  # the shards with work left (None: all of them)
 
     @property
     def world_size(self) -> int:
@@ -130,9 +132,25 @@ class Plan:
         return self.num_shards > 1
 
 
-def make_plan(job: JobConfig, num_subjects: int) -> Plan:
+def make_plan(job: JobConfig, num_subjects: int, run_shards: tuple[int, ...] | None = None) -> Plan:
     d = job.distributed
     shards = num_shards(job, num_subjects)
     env = dict(sorted(job.cluster.env.items()))
     env["DREAMFLEET_NUM_SHARDS"] = str(shards)
-    return Plan(job.name, d.nnodes, d.nproc_per_node, shards, d.strategy, env)
+    return Plan(job.name, d.nnodes, d.nproc_per_node, shards, d.strategy, env, run_shards)
+
+
+def shards_with_work(plan: ShardPlan, subjects: list[Subject], settled: Collection[str]) -> tuple[int, ...]:
+    """The shards that hold at least one subject not settled (see ledger.settled)."""
+    return tuple(sorted({plan.shard(s.id) for s in subjects if s.id not in settled}))
+
+
+def index_ranges(indices: tuple[int, ...]) -> str:
+    """(0, 1, 2, 5, 7, 8) -> "0-2,5,7-8", as Slurm's --array takes them."""
+    parts, start = [], None
+    for i, n in enumerate(indices):
+        start = n if start is None else start
+        if i + 1 == len(indices) or indices[i + 1] != n + 1:
+            parts.append(str(n) if n == start else f"{start}-{n}")
+            start = None
+    return ",".join(parts)

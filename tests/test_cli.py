@@ -35,6 +35,36 @@ def test_local_submit_dry_run_prints_the_command(make_job, tmp_path):
     assert not (tmp_path / "out").exists()  # nothing trained
 
 
+def test_resubmit_starts_only_the_shards_with_work_left(make_job, tmp_path):
+    """A Slurm array leaves out the shards whose subjects are all done or out of attempts; when
+    nothing is left the submit says so and submits nothing."""
+    from launcher import ledger
+    from launcher.ledger import SubjectStatus
+
+    slurm = {"runtime": "none", "venv": sys.prefix, "log_dir": str(tmp_path / "logs")}
+    job = make_job(n_subjects=6, cluster={"backend": "slurm", "shards": 4, "slurm": slurm}, output={"max_attempts": 2})
+    first = run_cli("submit", str(job), "--dry-run", "--out", str(tmp_path / "r"))
+    assert first.returncode == 0, first.stderr
+    assert "#SBATCH --array=0-3" in first.stdout
+    shards = {sid: s["shard"] for sid, s in json.loads((tmp_path / "r" / "plan.json").read_text())["subjects"].items()}
+    job_uri = str(tmp_path / "out" / "t")
+    for sid, shard in shards.items():  # shards 0 and 2 finished (one subject there failed for good)
+        if shard in (0, 2):
+            state = "failed" if sid == min(s for s, b in shards.items() if b == 2) else "done"
+            ledger.write_status(job_uri, SubjectStatus(id=sid, state=state, attempts=2 if state == "failed" else 1))
+    again = run_cli("submit", str(job), "--dry-run", "--out", str(tmp_path / "r"))
+    assert again.returncode == 0, again.stderr
+    assert "#SBATCH --array=1,3" in again.stdout
+    settled = sum(b in (0, 2) for b in shards.values())
+    assert f"note: {settled} of 6 subject(s) need no training ({settled - 1} done, 1 failed" in again.stderr
+    for sid in shards:
+        ledger.write_status(job_uri, SubjectStatus(id=sid, state="done", attempts=1))
+    last = run_cli("submit", str(job), "--out", str(tmp_path / "r2"))  # a real submit: sbatch is never reached
+    assert last.returncode == 0, last.stderr
+    assert "nothing to train: all 6 subject(s) are settled" in last.stdout and "(6 done)" in last.stdout
+    assert not (tmp_path / "r2").exists()
+
+
 @pytest.mark.slow
 def test_local_submit_trains_and_status_reports(make_job, tmp_path):
     job = make_job(n_subjects=2)
@@ -47,6 +77,9 @@ def test_local_submit_trains_and_status_reports(make_job, tmp_path):
     states = {s["id"]: s["state"] for s in report["subjects"]}
     assert states == {"s0": "done", "s1": "done"}
     assert report["summary"]["counts"]["done"] == 2
+    again = run_cli("submit", str(job), "--backend", "local", "--out", str(tmp_path / "r"))
+    assert again.returncode == 0 and "nothing to train: all 2 subject(s)" in again.stdout, again.stderr
+    assert "training.worker" not in again.stderr and "shard 0/1" not in again.stderr  # no worker started
 
 
 @pytest.mark.slow
@@ -65,3 +98,9 @@ def test_demo_builds_its_assets_and_trains(tmp_path):
     assert not any(noise in proc.stderr for noise in ("Loading weights", " WARNING ", "[transformers]")), proc.stderr[-3000:]
     page = (tmp_path / "outputs" / "quickstart" / "report.html").read_text()
     assert all(f"id='subject-{sid}'" in page for sid in ("red-ball", "green-box", "blue-ball"))
+    # a second `make demo` shows what the first trained, without loading the model again
+    again = subprocess.run([sys.executable, "-m", "launcher.cli", "demo"], cwd=tmp_path, env=worker_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to train: all 3 subject(s) are settled" in again.stdout and "red-ball" in again.stdout
+    assert "loaded unet" not in again.stderr

@@ -122,3 +122,12 @@ def test_a_failing_subject_is_recorded_and_never_marked_done(tmp_path, tiny_mode
     again = run_worker(job)
     assert "subject s0: skipped (already done)" in again.stderr
     assert json.loads((root / "bad" / "status.json").read_text())["attempts"] == 2
+    # once every subject is settled (done, or out of attempts), a worker exits before loading the model
+    job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, subjects, tmp_path / "out", output={"max_attempts": 2}))
+    last = run_worker(job, extra_args=["--summary", str(tmp_path / "summary.json")])
+    assert last.returncode == 0, last.stderr[-2000:]
+    assert "subject bad: skipped (failed 2 times (max_attempts=2))" in last.stderr
+    assert "loaded unet" not in last.stderr
+    assert json.loads((tmp_path / "summary.json").read_text()) == [
+        {"subject": "bad", "state": "skipped", "detail": "failed 2 times (max_attempts=2)", "final_loss": None},
+        {"subject": "s0", "state": "skipped", "detail": "already done", "final_loss": None}]

@@ -155,3 +155,21 @@ def test_class_images_are_generated_once_by_racing_workers(tmp_path, tiny_model,
                                                  stale_after_s=0.5, poll_s=0.1)
     assert generated and len(uris) == 1 and len(calls) == 2
     assert ledger.latest_claim(storage.join(store, f"{key}.claims")).owner == "alive"
+
+
+def test_settled_subjects_are_done_or_out_of_attempts_and_a_broken_ledger_settles_none(output_uri, caplog):
+    job = make_job(output_uri, max_attempts=2)
+    for sid, state, attempts in (("done", "done", 1), ("spent", "failed", 2), ("retry", "failed", 1),
+                                 ("running", "running", 1), ("pending", "pending", 0)):
+        ledger.write_status(job.job_uri, SubjectStatus(id=sid, state=state, attempts=attempts))
+    ids = ["done", "spent", "retry", "running", "pending", "new"]
+    assert ledger.settled_subjects(job.job_uri, ids, 2) == {
+        "done": "already done", "spent": "failed 2 times (max_attempts=2)"}
+    assert ledger.settled_subjects(job.job_uri, ["retry", "new"], 2) == {}
+    assert ledger.settled_subjects(job.job_uri, ids, 3) == {"done": "already done"}
+    # a failed subject out of attempts stays settled even behind a newer claim
+    spent = ledger.read_status(job.job_uri, "spent")
+    assert lease.should_train(spent, Claim(5, "w1", time.time()), job, "w2") == (False, "failed 2 times (max_attempts=2)")
+    storage.write_text(ledger.status_uri(job.job_uri, "done"), "{not json")
+    assert ledger.settled_subjects(job.job_uri, ids, 2) == {}
+    assert "cannot read the status ledger" in caplog.text

@@ -85,6 +85,23 @@ def test_twenty_subject_fleet_as_an_array_job(slurm_cluster, tmp_path, tiny_mode
         assert listed.endswith(", ".join(mine)), listed
     print(f"\nSlurm array of 4 shards: 17 of 20 subjects in {wall:.0f}s ({17 / wall * 3600:.0f} subjects/hour)")
 
+    # one subject of shard 2 is given another attempt: the resubmitted array runs that shard alone
+    again_sid = min(sid for sid, s in plan["subjects"].items() if s["shard"] == 2 and sid not in FLEET_BAD)
+    status_file = tmp_path / "out" / "t" / "subjects" / again_sid / "status.json"
+    status = json.loads(status_file.read_text())
+    status.update(state="failed", error="simulated: trained on a bad node")
+    status_file.write_text(json.dumps(status))
+    again = run_cli("submit", str(job), "--backend", "slurm", "--out", str(tmp_path / "rendered"), env=slurm_cluster)
+    assert again.returncode == 0, again.stderr
+    assert "#SBATCH --array=2" in (tmp_path / "rendered" / "job.sbatch").read_text().splitlines()
+    job_id = again.stdout.strip().splitlines()[-1]
+    wait_for_job(job_id, slurm_cluster, 300)
+    assert states(tmp_path) == expected
+    assert json.loads(status_file.read_text())["attempts"] == 2
+    second = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob(f"*-{job_id}_*")))
+    assert sorted(p.name.rsplit("_", 1)[1] for p in (tmp_path / "logs").glob(f"*-{job_id}_*")) == ["2.err", "2.out"]
+    assert f"subject {again_sid}: training (retrying after failure" in second, second[-3000:]
+
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, tiny_model, subjects_root):
     steps = 300

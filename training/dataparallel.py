@@ -47,9 +47,10 @@ from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease
 from training.checkpoint import ENGINE
 from training.env import Preemption, WorkerEnv
+from training.lease import Outcome
 from training.loop import diffusion_loss, prepare_subject, subject_seed
 from training.optim import build_lr_scheduler, build_optimizer
-from training.runner import Outcome, Worker
+from training.runner import Worker
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,8 @@ import torch
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError
 from training.env import Preemption, WorkerEnv
-from training.runner import Outcome, Worker
+from training.lease import Outcome
+from training.runner import Worker
 
 
 def device_for(env: WorkerEnv) -> torch.device:

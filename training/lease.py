@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 from launcher import ledger
@@ -30,8 +31,8 @@ def should_train(status: SubjectStatus | None, latest: Claim | None, job: JobCon
                  now: float | None = None) -> tuple[bool, str]:
     """Whether this worker may try to claim the subject, and why (or why not)."""
     now = now or time.time()
-    if status is not None and status.state == "done":
-        return False, "already done"
+    if why := ledger.settled(status, job.output.max_attempts):
+        return False, why
     if latest is not None and (status is None or status.lease < latest.seq):
         # claimed, and the claimant has not written its status yet
         if latest.owner == owner:
@@ -47,9 +48,29 @@ def should_train(status: SubjectStatus | None, latest: Claim | None, job: JobCon
         if status.is_stale(job.output.stale_after_s, now):
             return True, f"taking over a stale run of {status.worker}"
         return False, f"running on {status.worker}"
-    if status.attempts >= job.output.max_attempts:
-        return False, f"failed {status.attempts} times (max_attempts={job.output.max_attempts})"
     return True, f"retrying after failure ({status.attempts}/{job.output.max_attempts})"
+
+
+@dataclass
+class Outcome:
+    """What this run did with one subject: done, failed, skipped (and why) or preempted."""
+
+    subject: str
+    state: str
+    detail: str = ""
+    final_loss: float | None = None
+
+
+def summarize(outcomes: list[Outcome]) -> list[dict]:
+    return [asdict(o) for o in outcomes]
+
+
+def without_settled(job: JobConfig, subjects: list[Subject]) -> tuple[list[Subject], list[Outcome]]:
+    """The subjects that still need training, and a "skipped" outcome for each of the others
+    (done, or out of attempts). Checked before the base model loads, so that the workers of a
+    resubmitted job with nothing left to do exit in seconds."""
+    found = ledger.settled_subjects(job.job_uri, [s.id for s in subjects], job.output.max_attempts)
+    return [s for s in subjects if s.id not in found], [Outcome(sid, "skipped", why) for sid, why in found.items()]
 
 
 class Heartbeat:

@@ -32,8 +32,8 @@ from launcher.errors import ConfigError, UserError
 from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease, packed
 from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
-from training.lease import StatusKeeper
-from training.runner import Outcome, Worker
+from training.lease import Outcome, StatusKeeper
+from training.runner import Worker
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ import logging
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -20,19 +19,12 @@ from launcher.subjects import image_uris
 from training import adapters, export, lease, priors
 from training.components import Components, load_components
 from training.env import Preemption, WorkerEnv
+from training.lease import Outcome
 from training.loop import prepare_subject, subject_seed, train_subject
 from training.progress import Progress
 from training.sampling import write_samples
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Outcome:
-    subject: str
-    state: str
-    detail: str = ""
-    final_loss: float | None = None
 
 
 class Worker:
@@ -141,7 +133,3 @@ class Worker:
                 continue
             outcomes.append(self.run_subject(subject, class_images.get(subject.class_prompt)))
         return outcomes
-
-
-def summarize(outcomes: list[Outcome]) -> list[dict]:
-    return [asdict(o) for o in outcomes]

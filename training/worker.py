@@ -51,6 +51,11 @@ def _load_plan(path: str | None, job_file: str):
         raise ConfigError(f"shard plan {plan_file} is not valid: {exc}") from None
 
 
+def _ids(subjects) -> str:
+    shown = ", ".join(s.id for s in subjects[:20])
+    return (shown + f", ... ({len(subjects) - 20} more)" if len(subjects) > 20 else shown) or "-"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.worker", description="dreamfleet training worker")
     parser.add_argument("--job", required=True, help="resolved job file (YAML)")
@@ -88,20 +93,26 @@ def main(argv: list[str] | None = None) -> int:
         subjects = subjects_for_shard(resolve_subjects(job), env.shard_index, env.num_shards, plan)
         mine = subjects_for_rank(job, subjects, env.rank, env.world_size, plan.work if plan else None)
         log.info("shard %d/%d, rank %d/%d: %d subject(s): %s", env.shard_index, env.num_shards, env.rank,
-                 env.world_size, len(mine), ", ".join(s.id for s in mine) or "-")
-        if not mine:
-            return 0
-        from training.distributed import run_strategy
+                 env.world_size, len(mine), _ids(mine))
+        from training.lease import summarize, without_settled
 
-        outcomes = run_strategy(job, env, preemption, mine)
+        outcomes = []
+        if job.distributed.strategy == "subject":  # data-parallel ranks decide together, subject by subject
+            mine, outcomes = without_settled(job, mine)
+            for o in outcomes:
+                log.info("subject %s: skipped (%s)", o.subject, o.detail)
+            if outcomes:
+                log.info("%d subject(s) need no training; %d to train: %s", len(outcomes), len(mine), _ids(mine))
+        if mine:
+            from training.distributed import run_strategy
+
+            outcomes += run_strategy(job, env, preemption, mine)
     except UserError as exc:
         log.error("%s", exc)
         return 2
     for o in outcomes:
         log.info("subject %s: %s %s", o.subject, o.state, o.detail)
     if args.summary:
-        from training.runner import summarize
-
         with open(args.summary, "w") as f:
             json.dump(summarize(outcomes), f, indent=2)
     if any(o.state == "preempted" for o in outcomes):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Collection
 
 import yaml
 
@@ -74,7 +75,9 @@ def _kubectl(args: list[str], what: str) -> str:
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
-           shard_plan: ShardPlan | None = None) -> str:
+           shard_plan: ShardPlan | None = None, settled: Collection[str] = ()) -> str:
+    """`settled` is not used: an Indexed Job runs every index, and a shard whose subjects are all
+    settled exits before it loads the model (training.lease.without_settled)."""
     render(job, subjects, out_dir, shard_plan)
     if dry_run:
         return "".join(f"---\n# {p.name}\n{p.read_text()}" for p in sorted(out_dir.glob("*.yaml")))

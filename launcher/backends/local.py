@@ -11,10 +11,11 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Collection
 
 from launcher.backends import write_job_files
 from launcher.config import JobConfig, Subject
-from launcher.plan import ShardPlan, make_plan
+from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan, shards_with_work
 from launcher.render import AGENT_MODULE
 
 COMMAND_FILE = "command.sh"
@@ -47,7 +48,9 @@ def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: S
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
-           shard_plan: ShardPlan | None = None) -> str:
+           shard_plan: ShardPlan | None = None, settled: Collection[str] = ()) -> str:
+    """Run the shards one after another; those holding only `settled` subjects are not started."""
+    shard_plan = shard_plan or pure_shard_plan(job, subjects, {})
     render(job, subjects, out_dir, shard_plan)
     cmd = worker_command(job, (out_dir / "job.yaml").absolute())
     if dry_run:
@@ -55,8 +58,9 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
     env = dict(os.environ, **worker_env(job, subjects))
     num_shards = int(env["DREAMFLEET_NUM_SHARDS"])
     codes = []
-    for shard in range(num_shards):  # locally, shards run one after another
+    run_shards = shards_with_work(shard_plan, subjects, settled) if settled else range(num_shards)
+    for shard in run_shards:
         env["DREAMFLEET_SHARD_INDEX"] = str(shard)
         codes.append(subprocess.run(cmd, env=env).returncode)
-    worst = max(codes)
+    worst = max(codes, default=0)
     return f"exit {worst}"

@@ -7,20 +7,26 @@ names the resolved job file by its absolute path there.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Collection
 
 from launcher.backends import run_tool, write_job_files
 from launcher.config import JobConfig, Subject
 from launcher.errors import UserError
-from launcher.plan import ShardPlan, make_plan
+from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan, shards_with_work
 from launcher.render.slurm import render_sbatch
 
 SCRIPT = "job.sbatch"
 
 
-def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
+def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None,
+           settled: Collection[str] = ()) -> list[Path]:
+    """`settled`: subjects that need no more training; an array job leaves out the shards that
+    hold nothing else."""
+    shard_plan = shard_plan or pure_shard_plan(job, subjects, {})
     job_file, plan_file = write_job_files(job, subjects, out_dir, shard_plan)
+    run_shards = shards_with_work(shard_plan, subjects, settled) if settled else None
     script = out_dir / SCRIPT
-    script.write_text(render_sbatch(job, make_plan(job, len(subjects)), str(job_file)))
+    script.write_text(render_sbatch(job, make_plan(job, len(subjects), run_shards), str(job_file)))
     return [job_file, plan_file, script]
 
 
@@ -29,8 +35,8 @@ def _run(cmd: list[str], what: str) -> str:
 
 
 def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool = False,
-           shard_plan: ShardPlan | None = None) -> str:
-    render(job, subjects, out_dir, shard_plan)
+           shard_plan: ShardPlan | None = None, settled: Collection[str] = ()) -> str:
+    render(job, subjects, out_dir, shard_plan, settled)
     if dry_run:
         return (out_dir / SCRIPT).read_text()
     # slurmstepd opens --output before the script runs: the log directory must already exist

@@ -14,7 +14,7 @@ from __future__ import annotations
 import shlex
 
 from launcher.config import JobConfig, SlurmConfig
-from launcher.plan import Plan
+from launcher.plan import Plan, index_ranges
 from launcher.render import AGENT_MODULE
 
 q = shlex.quote
@@ -38,7 +38,8 @@ def sbatch_options(job: JobConfig, plan: Plan) -> list[str]:
         opts.append("--exclusive")
     if plan.is_array:
         throttle = f"%{s.array_throttle}" if s.array_throttle else ""
-        opts.append(f"--array=0-{plan.num_shards - 1}{throttle}")
+        shards = index_ranges(plan.run_shards) if plan.run_shards is not None else f"0-{plan.num_shards - 1}"
+        opts.append(f"--array={shards}{throttle}")
     opts += list(s.extra)
     return opts
 
