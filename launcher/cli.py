@@ -159,12 +159,26 @@ def _settled(job, subjects) -> dict[str, str]:
     return settled
 
 
-def _job_uri(target: str) -> str:
-    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+def _target(target: str):
+    """(job output URI, job or None) for a job file or a job's output URI. A URI with no job
+    output there is an error: a typo would otherwise look like an empty fleet."""
+    from launcher import ledger, storage
+
+    if target.endswith((".yaml", ".yml")) and "://" not in target:
+        if not Path(target).is_file():
+            raise UserError(f"job file {target} does not exist")
         from launcher.config import load_job
 
-        return load_job(target).job_uri
-    return target
+        job = load_job(target)
+        return job.job_uri, job
+    if not (storage.exists(ledger.subjects_uri(target)) or storage.exists(storage.join(target, "job.yaml"))):
+        raise UserError(f"no job output at {storage.redact(target)}: a job's output is <output.uri>/<job name>, "
+                        "with subjects/ and job.yaml in it (or pass the job file)")
+    return target, None
+
+
+def _job_uri(target: str) -> str:
+    return _target(target)[0]
 
 
 TABLE_ROWS = 40  # subjects listed by `status` before it summarizes (--all lists every one)
@@ -202,13 +216,13 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
            show_all: bool = typer.Option(False, "--all", help=f"List every subject (default: at most {TABLE_ROWS}, "
                                                                 "unfinished first).")):
     """Counts by state, throughput, ETA, failures, and each subject, from the ledger in the output."""
-    from launcher import fleet, ledger
+    from launcher import fleet
 
-    job_uri = _job_uri(target)
+    job_uri, job = _target(target)
+    statuses = fleet.job_statuses(job_uri, job)
     if as_json:
-        typer.echo(fleet.status_json(job_uri))
+        typer.echo(fleet.status_json(statuses))
         return
-    statuses = ledger.list_statuses(job_uri)
     _print_status_table(job_uri, statuses, show_all)
     summary = fleet.summarize(statuses)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())

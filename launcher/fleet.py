@@ -33,8 +33,21 @@ def summarize(statuses: list[SubjectStatus], now: float | None = None) -> dict:
             "failures": failures, "stale_running": stale}
 
 
-def status_json(job_uri: str) -> str:
+def job_statuses(job_uri: str, job=None) -> list[SubjectStatus]:
+    """The ledger's statuses; with the job, also its subjects that have none yet (as pending,
+    so that a job just submitted shows every subject), in id order."""
     statuses = ledger.list_statuses(job_uri)
+    if job is None:
+        return statuses
+    from launcher.subjects import resolve_subjects
+
+    known = {s.id for s in statuses}
+    statuses += [SubjectStatus(id=s.id, steps=s.steps or job.train.steps) for s in resolve_subjects(job)
+                 if s.id not in known]
+    return sorted(statuses, key=lambda s: s.id)
+
+
+def status_json(statuses: list[SubjectStatus]) -> str:
     return json.dumps({"summary": summarize(statuses), "subjects": [asdict(s) for s in statuses]}, indent=2)
 
 

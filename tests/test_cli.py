@@ -65,6 +65,21 @@ def test_resubmit_starts_only_the_shards_with_work_left(make_job, tmp_path):
     assert not (tmp_path / "r2").exists()
 
 
+def test_status_of_a_job_not_started_and_of_a_mistyped_output(make_job, tmp_path):
+    job = make_job(n_subjects=2)
+    proc = run_cli("status", str(job))  # submitted, no worker started yet: every subject is pending
+    assert proc.returncode == 0, proc.stderr
+    assert "2 subjects: pending 2, running 0, done 0, failed 0" in proc.stdout
+    assert [s["state"] for s in json.loads(run_cli("status", str(job), "--json").stdout)["subjects"]] == ["pending"] * 2
+    typo = tmp_path / "out" / "tt"
+    for command in ("status", "report", "retry-failed"):
+        proc = run_cli(command, str(typo))
+        assert proc.returncode == 2 and f"error: no job output at {typo}:" in proc.stderr, proc.stderr
+    assert not typo.exists()  # the report was not written into a new folder
+    proc = run_cli("status", str(tmp_path / "missing.yaml"))
+    assert proc.returncode == 2 and "job file" in proc.stderr and "does not exist" in proc.stderr
+
+
 @pytest.mark.slow
 def test_local_submit_trains_and_status_reports(make_job, tmp_path):
     job = make_job(n_subjects=2)
