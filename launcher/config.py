@@ -345,7 +345,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """'train.steps=400' -> (['train', 'steps'], 400). Values are parsed as YAML scalars/lists."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. train.steps=400")
+        also = " (one job file per command: run it once for each file)" if item.endswith((".yaml", ".yml")) else ""
+        raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. train.steps=400{also}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:

@@ -73,6 +73,7 @@ def test_overrides_follow_the_file(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("train.steps", "must look like KEY=VALUE"),
     ("=3", "must look like KEY=VALUE"),
+    ("second-job.yaml", r"one job file per command"),
     ("subjects.5.steps=3", "is not an index"),
     ("train.steps.x=3", "train.steps: Input should be a valid integer"),
     ("train.nope=3", "train.nope: unknown key"),
