@@ -301,10 +301,20 @@ def logs(job_file: Path = JobArg, job_id: Optional[str] = typer.Option(None, "--
 
 @app.command()
 @user_errors
-def cancel(job_id: str = typer.Argument(..., help="Scheduler job id (Slurm) or job name (Kubernetes)."),
-           backend: str = typer.Option("slurm", "--backend", "-b", help="slurm | kubernetes.")):
-    """Cancel a submitted job."""
-    typer.echo(_scheduler(backend).cancel(job_id))
+def cancel(target: str = typer.Argument(..., help="The job file, or a Slurm job id, or a Kubernetes job name."),
+           backend: Optional[str] = typer.Option(None, "--backend", "-b",
+                                                 help="slurm | kubernetes (default: the job file's, else slurm)."),
+           namespace: str = typer.Option("default", "--namespace", "-n",
+                                         help="Kubernetes namespace, when TARGET is a name (a job file names its own).")):
+    """Cancel a submitted job: with the job file, every scheduler job it started (Slurm: by job
+    name; Kubernetes: its workload in its namespace)."""
+    if target.endswith((".yaml", ".yml")):
+        _, job = _target(target)
+        typer.echo(_scheduler(backend or job.cluster.backend).cancel_job(job).rstrip("\n"))
+    else:
+        name = backend or "slurm"
+        module = _scheduler(name)
+        typer.echo((module.cancel(target, namespace) if name == "kubernetes" else module.cancel(target)).rstrip("\n"))
 
 
 @app.command()

@@ -8,6 +8,7 @@ refuses connections (kubectl's own error must reach the user).
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -69,3 +70,57 @@ def test_submit_runs_kubectl_apply_k_and_reports_its_error(tmp_path):
                    env={"KUBECONFIG": str(kubeconfig)}, timeout=120)
     assert proc.returncode != 0
     assert "kubectl apply failed" in proc.stderr and "connection refused" in proc.stderr
+
+
+def _recording_kubectl(tmp_path):
+    """A kubectl for a cluster without the JobSet and Kubeflow operators: its `delete` answers as
+    the real one does there (error text as kubectl prints it), and records every call."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    script = bin_dir / "kubectl"
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$2" in
+  job) echo 'job.batch "portraits-sd15" deleted' ;;
+  *) echo "error: the server doesn't have a resource type \\"$2\\"" >&2; exit 1 ;;
+esac
+""")
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def test_cancel_by_job_file_deletes_its_workload_in_its_namespace(tmp_path):
+    env, calls = _recording_kubectl(tmp_path)
+    proc = run_cli("cancel", EXAMPLE, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'job.batch "portraits-sd15" deleted' in proc.stdout
+    assert calls.read_text().splitlines() == [
+        "delete job -n dreamfleet -l app.kubernetes.io/instance=portraits-sd15 --ignore-not-found"]
+
+
+def test_cancel_by_name_passes_over_kinds_the_cluster_does_not_serve(tmp_path):
+    env, calls = _recording_kubectl(tmp_path)
+    proc = run_cli("cancel", "portraits-sd15", "--backend", "kubernetes", "--namespace", "team-a", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'job.batch "portraits-sd15" deleted' in proc.stdout
+    assert [line.split()[1:4] for line in calls.read_text().splitlines()] == [
+        ["job", "-n", "team-a"], ["jobset", "-n", "team-a"], ["pytorchjob", "-n", "team-a"]]
+
+
+def test_a_render_replaces_only_the_files_it_wrote_before(tmp_path):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "mine.yaml").write_text("kind: NotDreamfleet\n")  # a user's file beside the manifests
+    assert run_cli("render", EXAMPLE, "--backend", "kubernetes", "--out", str(out)).returncode == 0
+    first = {p.name for p in out.glob("*.yaml")}
+    assert "mine.yaml" in first
+    renamed = run_cli("render", EXAMPLE, "--backend", "kubernetes", "--out", str(out), "name=portraits-v2")
+    assert renamed.returncode == 0, renamed.stderr
+    now = {p.name for p in out.glob("*.yaml")}
+    assert "mine.yaml" in now and not any("portraits-sd15" in n for n in now) and any("portraits-v2" in n for n in now)
+    # a render that fails leaves the last good one as it was
+    failed = run_cli("render", EXAMPLE, "--backend", "kubernetes", "--out", str(out), "cluster.kubernetes.flavour=pytorchjob",
+                     "cluster.shards=4")
+    assert failed.returncode == 2, failed.stderr
+    assert {p.name for p in out.glob("*.yaml")} == now

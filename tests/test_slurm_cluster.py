@@ -133,3 +133,14 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, ti
     a = load_file(tmp_path / "straight" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
     b = load_file(tmp_path / "out" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_cancel_by_job_file_cancels_every_array_task(slurm_cluster, tmp_path, tiny_model, subjects_root):
+    subjects = [subject_entry(subjects_root, i) for i in range(2)]
+    job = slurm_job(tmp_path, tiny_model, subjects, cluster={"shards": 2}, train={"steps": 5000})
+    job_id = submit(job, slurm_cluster, tmp_path)
+    proc = run_cli("cancel", str(job), env=slurm_cluster)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"cancelled {job_id} (t)", proc.stdout + proc.stderr
+    wait_for_job(job_id, slurm_cluster, 60)
+    again = run_cli("cancel", str(job), env=slurm_cluster)
+    assert again.returncode == 0 and "no Slurm job named t in the queue" in again.stdout, again.stderr

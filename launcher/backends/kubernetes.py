@@ -19,7 +19,7 @@ from typing import Collection
 import yaml
 
 from launcher.backends import run_tool
-from launcher.config import YAML_DUMPER, JobConfig, Subject, dump_job
+from launcher.config import YAML_DUMPER, YAML_LOADER, JobConfig, Subject, dump_job
 from launcher.errors import UserError
 from launcher.plan import ShardPlan, make_plan, shard_plan as pure_shard_plan
 from launcher.render.kubernetes import render_manifests
@@ -60,14 +60,26 @@ def render_files(job: JobConfig, subjects: list[Subject], shard_plan: ShardPlan 
 
 
 def render(job: JobConfig, subjects: list[Subject], out_dir: Path, shard_plan: ShardPlan | None = None) -> list[Path]:
+    """Write the files into out_dir. The manifests an earlier render wrote there (the ones its
+    Kustomization lists) and this one does not are removed, after this render has succeeded;
+    no other file in out_dir is touched."""
+    files = render_files(job, subjects, shard_plan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob("*.yaml"):
-        stale.unlink()
+    for stale in set(_rendered_before(out_dir)) - set(files):
+        (out_dir / stale).unlink(missing_ok=True)
     paths = []
-    for name, text in render_files(job, subjects, shard_plan).items():
+    for name, text in files.items():
         (out_dir / name).write_text(text)
         paths.append(out_dir / name)
     return paths
+
+
+def _rendered_before(out_dir: Path) -> list[str]:
+    try:
+        listed = yaml.load((out_dir / KUSTOMIZATION).read_text(), Loader=YAML_LOADER)["resources"]
+    except (OSError, yaml.YAMLError, TypeError, KeyError):
+        return []
+    return [name for name in listed if isinstance(name, str) and "/" not in name and name.endswith(".yaml")]
 
 
 def _kubectl(args: list[str], what: str) -> str:
@@ -78,9 +90,9 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
            shard_plan: ShardPlan | None = None, settled: Collection[str] = ()) -> str:
     """`settled` is not used: an Indexed Job runs every index, and a shard whose subjects are all
     settled exits before it loads the model (training.lease.without_settled)."""
-    render(job, subjects, out_dir, shard_plan)
+    paths = render(job, subjects, out_dir, shard_plan)
     if dry_run:
-        return "".join(f"---\n# {p.name}\n{p.read_text()}" for p in sorted(out_dir.glob("*.yaml")))
+        return "".join(f"---\n# {p.name}\n{p.read_text()}" for p in sorted(paths) if p.name != KUSTOMIZATION)
     context = subprocess.run(["kubectl", "config", "current-context"], capture_output=True, text=True) \
         if shutil.which("kubectl") else None
     if context is None or context.returncode:
@@ -89,9 +101,26 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
     return _kubectl([*APPLY[1:], str(out_dir)], "kubectl apply")
 
 
-def cancel(name: str, namespace: str = "default") -> str:
-    return _kubectl(["delete", "job,jobset,pytorchjob", "-n", namespace, "-l", f"app.kubernetes.io/instance={name}",
-                     "--ignore-not-found"], "kubectl delete")
+WORKLOAD_KINDS = {"indexed-job": "job", "jobset": "jobset", "pytorchjob": "pytorchjob"}  # by cluster.kubernetes.flavour
+
+
+def cancel(name: str, namespace: str = "default", kinds: Collection[str] = tuple(WORKLOAD_KINDS.values())) -> str:
+    """Delete the job's workload (its pods go with it). Kinds the cluster does not serve (no
+    JobSet or Kubeflow operator installed) are passed over, not an error."""
+    said = []
+    for kind in kinds:
+        try:
+            said.append(_kubectl(["delete", kind, "-n", namespace, "-l", f"app.kubernetes.io/instance={name}",
+                                  "--ignore-not-found"], "kubectl delete"))
+        except UserError as exc:
+            if "doesn't have a resource type" not in str(exc):
+                raise
+    return "".join(said) or f"no workload of {name} in namespace {namespace}\n"
+
+
+def cancel_job(job: JobConfig) -> str:
+    k = job.cluster.kubernetes
+    return cancel(job.name, k.namespace, [WORKLOAD_KINDS[k.flavour]])
 
 
 def logs(job: JobConfig, job_id: str | None = None, lines: int = 50) -> str:

@@ -61,6 +61,15 @@ def cancel(job_id: str) -> str:
     return f"cancelled {job_id}"
 
 
+def cancel_job(job: JobConfig) -> str:
+    """Every queued job of this user named after the job (array tasks and requeues included)."""
+    ids = sorted({line.split("_")[0] for line in _run(["squeue", "-h", "--me", "-n", job.name, "-o", "%i"], "squeue").split()})
+    if not ids:
+        return f"no Slurm job named {job.name} in the queue\n"
+    _run(["scancel", *ids], "scancel")
+    return f"cancelled {', '.join(ids)} ({job.name})\n"
+
+
 def logs(job: JobConfig, job_id: str | None = None, lines: int = 50) -> str:
     log_dir = Path(job.cluster.slurm.log_dir)
     pattern = f"{job.name}-{job_id or ''}*"
