@@ -81,8 +81,13 @@ def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     """Write what would be submitted (batch script or manifests) and the resolved job file."""
     from launcher.backends import get_backend
 
+    from launcher.validate import container_notes
+
     job, subjects = _load(job_file, overrides)
-    paths = get_backend(backend or job.cluster.backend).render(job, subjects, out)
+    name = backend or job.cluster.backend
+    for note in container_notes(job, name):
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    paths = get_backend(name).render(job, subjects, out)
     for path in paths:
         typer.echo(str(path))
 
@@ -92,7 +97,9 @@ def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg, backend: Optional[str] = BackendOpt,
            dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be submitted, submit nothing."),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where rendered files go (default .dreamfleet/<job>/<backend>)."),
-           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Check inputs before submitting."),
+           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Read the storage first: the earlier plan and the ledger (to skip settled subjects), every subject's images "
+                                "(counted to balance shards; local backend: the model and every image checked). --no-inputs reads "
+                                "only a subjects manifest."),
            skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record subjects with bad inputs as failed (with the reason) and go on with the rest.")):
     """Render and submit a job; the local backend trains in the foreground."""
     from launcher.backends import get_backend
@@ -116,7 +123,9 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
         errors += check_model(job.model.source)
     else:
         errors, notes = check_job(job, check_inputs=inputs and name == "local")
-    for note in notes:
+    from launcher.validate import container_notes
+
+    for note in notes + container_notes(job, name):
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if errors:
         raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)

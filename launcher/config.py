@@ -326,11 +326,18 @@ class JobConfig(Section):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.prior.enabled and isinstance(self.subjects, list):
-            missing = [s.id for s in self.subjects if not s.class_prompt]
-            if missing:
-                raise ValueError(f"prior.enabled needs a class_prompt for every subject; missing for: {', '.join(missing)}")
+        if isinstance(self.subjects, list) and (problem := self.class_prompts_missing(self.subjects)):
+            raise ValueError(problem)
         return self
+
+    def class_prompts_missing(self, subjects: list[Subject]) -> str | None:
+        """What is wrong when prior preservation is on and subjects lack a class prompt (checked
+        here for inline subjects, by launcher.subjects for a manifest's)."""
+        missing = [s.id for s in subjects if not s.class_prompt] if self.prior.enabled else []
+        if not missing:
+            return None
+        more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+        return f"prior.enabled needs a class_prompt for every subject; missing for: {', '.join(missing[:20])}{more}"
 
     @property
     def job_uri(self) -> str:
@@ -384,29 +391,36 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | None:
-    """The section class addressed by a pydantic error location (for listing valid keys)."""
+    """The section class addressed by a pydantic error location (for listing valid keys). In a
+    discriminated union the location carries the tag ("adapter", "loha", ...): the member of
+    that type is the one meant."""
     from typing import get_args
 
+    def models_in(annotation) -> list[type[BaseModel]]:
+        found, todo = [], [annotation]
+        while todo:
+            a = todo.pop(0)
+            if isinstance(a, type) and issubclass(a, BaseModel):
+                found.append(a)
+            else:
+                todo.extend(get_args(a))
+        return found
+
     cls: Any = root or JobConfig
-    for part in loc:
+    for i, part in enumerate(loc):
         if isinstance(part, int):
             continue
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)):
             return None
         field = cls.model_fields.get(part)
         if field is None:
-            # a discriminated-union tag ("lora") appears in the location
-            continue
-        ann = field.annotation
-        candidates = [ann]
-        while candidates:
-            a = candidates.pop()
-            if isinstance(a, type) and issubclass(a, BaseModel):
-                cls = a
-                break
-            candidates.extend(get_args(a))
-        else:
+            continue  # a union's tag, used below
+        members = models_in(field.annotation)
+        if not members:
             return None
+        tag = loc[i + 1] if i + 1 < len(loc) else None
+        tagged = [m for m in members if "type" in m.model_fields and m.model_fields["type"].default == tag]
+        cls = tagged[0] if tagged else members[0]
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
@@ -416,7 +430,7 @@ def _format_errors(exc: ValidationError) -> list[str]:
         loc = tuple(p for p in err["loc"] if p not in ("lora", "loha", "lokr", "list[Subject]", "str"))
         dotted = ".".join(str(p) for p in loc) or "(job file)"
         if err["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
+            parent = _model_at(tuple(err["loc"])[:-1])
             valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
             problems.append(f"{dotted}: unknown key; valid keys here: {valid}")
         elif err["type"] == "missing":

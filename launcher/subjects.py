@@ -66,7 +66,12 @@ def load_manifest(uri: str) -> list[Subject]:
 
 
 def resolve_subjects(job: JobConfig) -> list[Subject]:
-    return list(job.subjects) if isinstance(job.subjects, list) else load_manifest(job.subjects)
+    if isinstance(job.subjects, list):
+        return list(job.subjects)
+    subjects = load_manifest(job.subjects)
+    if problem := job.class_prompts_missing(subjects):
+        raise ConfigError(f"subjects manifest {storage.redact(job.subjects)}: {problem}")
+    return subjects
 
 
 def image_uris(subject: Subject) -> list[str]:

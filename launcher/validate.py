@@ -47,6 +47,32 @@ def notes_for(job: JobConfig) -> list[str]:
     return notes
 
 
+def _is_relative(path: str | None) -> bool:
+    return bool(path) and "://" not in path and not path.startswith("/")
+
+
+def container_notes(job: JobConfig, backend: str) -> list[str]:
+    """Relative paths where the workers run in a container (Kubernetes, or Slurm with a container
+    runtime): they resolve against the container's working directory, not the submit directory."""
+    if backend == "local" or (backend == "slurm" and job.cluster.slurm.runtime == "none"):
+        return []
+    source = job.model.source
+    hub_id = source.count("/") == 1 and not source.startswith(".")
+    named = [("model.source", None if hub_id else source), ("output.uri", job.output.uri), ("prior.store", job.prior.store)]
+    if isinstance(job.subjects, str):
+        named.append(("subjects", job.subjects))
+    else:
+        named += [(f"subjects ({s.id}).images", p) for s in job.subjects
+                  for p in ([s.images] if isinstance(s.images, str) else s.images)]
+    relative = [f"{key} {value}" for key, value in named if _is_relative(value)]
+    if not relative:
+        return []
+    shown = "; ".join(relative[:5]) + (f"; and {len(relative) - 5} more" if len(relative) > 5 else "")
+    where = "the pod" if backend == "kubernetes" else "the container"
+    return [f"relative paths resolve inside {where}, not in this directory: {shown}. Use absolute paths on storage "
+            "mounted there, or URIs (s3://...)"]
+
+
 def unsupported(job: JobConfig) -> list[str]:
     """Combinations the worker cannot run, reported before anything starts."""
     d = job.distributed

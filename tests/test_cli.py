@@ -119,3 +119,16 @@ def test_demo_builds_its_assets_and_trains(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to train: all 3 subject(s) are settled" in again.stdout and "red-ball" in again.stdout
     assert "loaded unet" not in again.stderr
+
+
+def test_relative_paths_get_a_note_where_workers_run_in_containers(make_job, tmp_path):
+    job = make_job(output={"uri": "./outputs"})
+    for backend, extra, where in (("kubernetes", [], "inside the pod"),
+                                  ("slurm", ["cluster.slurm.runtime=podman"], "inside the container"),
+                                  ("slurm", [], None), ("local", [], None)):
+        proc = run_cli("render", str(job), *extra, "--backend", backend, "--out", str(tmp_path / backend))
+        assert proc.returncode == 0, proc.stderr
+        if where:
+            assert f"note: relative paths resolve {where}, not in this directory: output.uri ./outputs." in proc.stderr
+        else:
+            assert "relative paths" not in proc.stderr

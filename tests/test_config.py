@@ -185,3 +185,29 @@ def test_arbitrary_overrides_never_raise_anything_but_config_error(key, value):
         job_from_dict(data)
     except ConfigError:
         pass
+
+
+@pytest.mark.parametrize("adapter, key, valid, invalid", [
+    ({"type": "lora"}, "bogus", "dropout", "decompose_both"),
+    ({"type": "loha"}, "dropout", "rank_dropout", "decompose_both"),
+    ({"type": "lokr"}, "bogus", "decompose_factor", "bias"),
+])
+def test_unknown_adapter_key_lists_the_keys_of_that_adapter_type(tmp_path, adapter, key, valid, invalid):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, {**MINIMAL, "adapter": {**adapter, key: 1}}))
+    line = next(p for p in err.value.problems if p.startswith(f"adapter.{key}: unknown key"))
+    assert valid in line and invalid not in line, line
+
+
+@pytest.mark.parametrize("manifest, text", [
+    ("subjects.jsonl", '{"id": "a", "images": "/x", "instance_prompt": "p", "class_prompt": "c"}\n'
+                       '{"id": "b", "images": "/x", "instance_prompt": "p"}\n'),
+    ("subjects.csv", "id,images,instance_prompt,class_prompt\na,/x,p,c\nb,/x,p,\n"),
+])
+def test_prior_preservation_needs_class_prompts_in_a_manifest_too(tmp_path, manifest, text):
+    from launcher.subjects import resolve_subjects
+
+    (tmp_path / manifest).write_text(text)
+    job = load_job(write(tmp_path, {**MINIMAL, "subjects": str(tmp_path / manifest), "prior": {"enabled": True}}))
+    with pytest.raises(ConfigError, match="needs a class_prompt for every subject; missing for: b$"):
+        resolve_subjects(job)
