@@ -80,7 +80,6 @@ def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
            out: Path = typer.Option(..., "--out", "-o", help="Directory to write the rendered files into.")):
     """Write what would be submitted (batch script or manifests) and the resolved job file."""
     from launcher.backends import get_backend
-
     from launcher.validate import container_notes
 
     job, subjects = _load(job_file, overrides)
@@ -92,19 +91,22 @@ def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
         typer.echo(str(path))
 
 
+INPUTS_HELP = ("Read the storage first: the earlier plan and the ledger (to skip settled subjects), every subject's "
+               "images (counted to balance shards; local backend: the model and every image checked). --no-inputs "
+               "reads only a subjects manifest.")
+
+
 @app.command()
 @user_errors
 def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg, backend: Optional[str] = BackendOpt,
            dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be submitted, submit nothing."),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where rendered files go (default .dreamfleet/<job>/<backend>)."),
-           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Read the storage first: the earlier plan and the ledger (to skip settled subjects), every subject's images "
-                                "(counted to balance shards; local backend: the model and every image checked). --no-inputs reads "
-                                "only a subjects manifest."),
+           inputs: bool = typer.Option(True, "--inputs/--no-inputs", help=INPUTS_HELP),
            skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record subjects with bad inputs as failed (with the reason) and go on with the rest.")):
     """Render and submit a job; the local backend trains in the foreground."""
     from launcher.backends import get_backend
     from launcher.errors import InputError
-    from launcher.validate import check_job
+    from launcher.validate import check_job, container_notes
 
     job, subjects = _load(job_file, overrides)
     name = backend or job.cluster.backend
@@ -116,6 +118,7 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 
         for sid, problems in record_invalid(job, subjects).items():
             typer.secho(f"skipping subject {sid}: {'; '.join(problems)}", fg=typer.colors.YELLOW, err=True)
+            settled.setdefault(sid, "invalid input")  # recorded as failed for good: no shard starts for it
         inputs = False
         errors, notes = check_job(job, check_inputs=False)
         from launcher.validate import check_model
@@ -123,8 +126,6 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
         errors += check_model(job.model.source)
     else:
         errors, notes = check_job(job, check_inputs=inputs and name == "local")
-    from launcher.validate import container_notes
-
     for note in notes + container_notes(job, name):
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if errors:
