@@ -111,18 +111,19 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     job, subjects = _load(job_file, overrides)
     name = backend or job.cluster.backend
     settled = _settled(job, subjects) if inputs or skip_invalid else {}
-    if subjects and len(settled) == len(subjects):
-        return  # nothing left to train; _settled said so
     if skip_invalid:
         from launcher.fleet import record_invalid
 
         for sid, problems in record_invalid(job, subjects).items():
             typer.secho(f"skipping subject {sid}: {'; '.join(problems)}", fg=typer.colors.YELLOW, err=True)
             settled.setdefault(sid, "invalid input")  # recorded as failed for good: no shard starts for it
-        inputs = False
-        errors, notes = check_job(job, check_inputs=False)
+    if _all_settled(job, subjects, settled):
+        return
+    if skip_invalid:
         from launcher.validate import check_model
 
+        inputs = False
+        errors, notes = check_job(job, check_inputs=False)
         errors += check_model(job.model.source)
     else:
         errors, notes = check_job(job, check_inputs=inputs and name == "local")
@@ -146,13 +147,18 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 
 
 def _settled(job, subjects) -> dict[str, str]:
-    """{id: why} of the subjects the ledger says need no more training, said on stderr; when
-    that is all of them, also what to do instead."""
+    """{id: why} of the subjects the ledger says need no more training."""
+    from launcher import ledger
+
+    return ledger.settled_subjects(job.job_uri, [s.id for s in subjects], job.output.max_attempts)
+
+
+def _all_settled(job, subjects, settled: dict[str, str]) -> bool:
+    """Say how many subjects need no training; when that is all of them, what to do instead."""
     from launcher import ledger, storage
 
-    settled = ledger.settled_subjects(job.job_uri, [s.id for s in subjects], job.output.max_attempts)
     if not settled:
-        return settled
+        return False
     done = sum(why == ledger.ALREADY_DONE for why in settled.values())
     failed = len(settled) - done
     what = f"{done} done" + (f", {failed} failed with no attempts left" if failed else "")
@@ -160,13 +166,13 @@ def _settled(job, subjects) -> dict[str, str]:
     if len(settled) < len(subjects):
         typer.secho(f"note: {len(settled)} of {len(subjects)} subject(s) need no training ({what}); "
                     f"the rest are submitted", fg=typer.colors.YELLOW, err=True)
-        return settled
+        return False
     typer.echo(f"nothing to train: all {len(subjects)} subject(s) are settled in {where} ({what}).")
     typer.echo(f"  launcher status {where}   lists them")
     if failed:
         typer.echo(f"  launcher retry-failed {where}   gives the failed ones new attempts")
     typer.echo("  a new job name (or output.uri) trains every subject again")
-    return settled
+    return True
 
 
 def _target(target: str):

@@ -50,10 +50,10 @@ def run_demo(job_file: Path | None, overrides: list[str]) -> int:
     job_file = job_file or default_job()
     job = load_job(job_file, overrides)
     subjects = resolve_subjects(job)
-    from launcher.cli import _finish_local, _settled
+    from launcher.cli import _all_settled, _finish_local, _settled
 
     settled = _settled(job, subjects)
-    if len(settled) == len(subjects):  # a second `make demo`: show what the first one trained
+    if _all_settled(job, subjects, settled):  # a second `make demo`: show what the first one trained
         _finish_local(job.job_uri)
         return 0
     started = time.perf_counter()

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from conftest import job_dict
 from launcher.backends import gather_shard_plan, write_job_files
 from launcher.config import Subject, job_from_dict
-from launcher.plan import ShardPlan, shard_plan, subjects_for_rank, subjects_for_shard
+from launcher.plan import ShardPlan, index_ranges, shard_plan, shards_with_work, subjects_for_rank, subjects_for_shard
 from training.tiny import write_subject_images
 
 
@@ -96,3 +98,18 @@ def test_submit_weighs_images_keeps_the_earlier_plan_and_writes_it_beside_the_jo
     (tmp_path / "out" / "t").mkdir(parents=True)
     (tmp_path / "out" / "t" / "plan.json").write_text(ShardPlan(2, moved, plan.work).to_json())
     assert gather_shard_plan(job, list(job.subjects)).shards == moved
+
+
+@pytest.mark.parametrize("indices, text", [
+    ((0,), "0"), ((0, 1, 2, 3), "0-3"), ((1, 3), "1,3"), ((0, 1, 2, 5, 7, 8), "0-2,5,7-8"), ((4, 9, 10, 11), "4,9-11"),
+])
+def test_index_ranges_as_slurm_array_takes_them(indices, text):
+    assert index_ranges(indices) == text
+
+
+def test_shards_with_work_leave_out_shards_of_settled_subjects_only():
+    plan = ShardPlan(4, {"a": 0, "b": 0, "c": 1, "d": 2, "e": 3}, {})
+    subjects = [Subject(id=sid, images="/x", instance_prompt="p") for sid in "abcdef"]  # f: unplanned, hashed
+    assert shards_with_work(plan, subjects, {"a", "b", "c", "d", "e", "f"}) == ()
+    assert shards_with_work(plan, subjects[:5], {"a", "d"}) == (0, 1, 3)
+    assert shards_with_work(plan, subjects[:5], {"a", "b", "d"}) == (1, 3)
