@@ -97,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         from training.lease import summarize, without_settled
 
         outcomes = []
-        if job.distributed.strategy == "subject":  # data-parallel ranks decide together, subject by subject
+        # data-parallel ranks decide together, subject by subject (two ranks reading the ledger
+        # a moment apart could disagree, and one would wait in a collective the other never joins)
+        if job.distributed.strategy == "subject" or env.world_size == 1:
             mine, outcomes = without_settled(job, mine)
             for o in outcomes:
                 log.info("subject %s: skipped (%s)", o.subject, o.detail)
