@@ -424,13 +424,14 @@ def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | Non
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
-def _format_errors(exc: ValidationError) -> list[str]:
+def _format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, with its dotted path; `root` is the model validated (default the job)."""
     problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if p not in ("lora", "loha", "lokr", "list[Subject]", "str"))
         dotted = ".".join(str(p) for p in loc) or "(job file)"
         if err["type"] == "extra_forbidden":
-            parent = _model_at(tuple(err["loc"])[:-1])
+            parent = _model_at(tuple(err["loc"])[:-1], root)
             valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
             problems.append(f"{dotted}: unknown key; valid keys here: {valid}")
         elif err["type"] == "missing":
