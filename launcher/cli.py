@@ -86,6 +86,7 @@ def render(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     name = backend or job.cluster.backend
     for note in container_notes(job, name):
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    _check_out(out, job_file)
     paths = get_backend(name).render(job, subjects, out)
     for path in paths:
         typer.echo(str(path))
@@ -132,6 +133,7 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     if errors:
         raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)
     out = out or Path(".dreamfleet") / job.name / name
+    _check_out(out, job_file)
     plan = None
     if inputs or skip_invalid:  # weigh images and keep an earlier submit's placements (plan.json)
         from launcher.backends import gather_shard_plan
@@ -144,6 +146,20 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
         code = int(result.split()[-1])
         if code:
             raise typer.Exit(code)
+
+
+def _check_out(out: Path, job_file: Path) -> None:
+    """The render directory: creatable, and not the place of the job file the render would overwrite."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {out}: cannot create the directory ({exc.strerror or exc})") from None
+    rendered = out / "job.yaml"
+    if rendered.exists() and rendered.samefile(job_file):
+        raise UserError(f"--out {out} holds the job file {job_file} itself, which the rendered job.yaml would "
+                        "overwrite: choose another directory")
 
 
 def _settled(job, subjects) -> dict[str, str]:
@@ -180,9 +196,9 @@ def _target(target: str):
     output there is an error: a typo would otherwise look like an empty fleet."""
     from launcher import ledger, storage
 
-    if target.endswith((".yaml", ".yml")) and "://" not in target:
+    if target.lower().endswith((".yaml", ".yml")) and "://" not in target:
         if not Path(target).is_file():
-            raise UserError(f"job file {target} does not exist")
+            raise UserError(f"job file {target} {'is a directory' if Path(target).is_dir() else 'does not exist'}")
         from launcher.config import load_job
 
         job = load_job(target)
@@ -324,7 +340,7 @@ def cancel(target: str = typer.Argument(..., help="The job file, or a Slurm job 
                                          help="Kubernetes namespace, when TARGET is a name (a job file names its own).")):
     """Cancel a submitted job: with the job file, every scheduler job it started (Slurm: by job
     name; Kubernetes: its workload in its namespace)."""
-    if target.endswith((".yaml", ".yml")):
+    if target.lower().endswith((".yaml", ".yml")):
         _, job = _target(target)
         typer.echo(_scheduler(backend or job.cluster.backend).cancel_job(job).rstrip("\n"))
     else:

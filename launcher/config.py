@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import ConfigError
 
@@ -23,21 +23,52 @@ from launcher.errors import ConfigError
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
-SUBJECT_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-JOB_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?$")
+SUBJECT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole string (fullmatch)
+JOB_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?")
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+CREDENTIAL_NAME_RE = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY", re.I)
+SLURM_TIME_RE = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|INFINITE",
+                           re.I)
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(value: str) -> str:
+    """For strings that land in a batch script line or a file name: no newline, no control character."""
+    if CONTROL_RE.search(value):
+        raise ValueError(f"{value!r} must be one line of text (no newline or control character)")
+    return value
+
+
+def location(value: str) -> str:
+    """A path or URI the job names: one line, well formed, and without a credential in it
+    (credentials are referenced through the environment or a secret, never written in a job)."""
+    one_line(value)
+    if not value.strip():
+        raise ValueError("must not be empty")
+    scheme, sep, rest = value.partition("://")
+    if sep:
+        host = rest.split("/", 1)[0]
+        if not host:
+            raise ValueError(f"{value!r} names no bucket or host after {scheme}://")
+        if "@" in host and ":" in host.split("@", 1)[0]:
+            raise ValueError(f"{scheme}://<user>:<password>@... holds a credential; give it to the workers through the "
+                             "environment or a secret instead (see docs/storage.md)")
+    elif re.match(r"[A-Za-z][A-Za-z0-9+.-]+:/", value):
+        raise ValueError(f"{value!r} is neither a path nor a URI (scheme://bucket/path)")
+    return value
 
 
 class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignment is validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- model
 
 
 class ModelConfig(Section):
-    source: str = Field(description="Diffusers-layout model: a local path, an fsspec URI (s3://, gs://, az://) or a Hub repo id.")
+    source: Annotated[str, AfterValidator(location)] = Field(description="Diffusers-layout model: a local path, an fsspec URI (s3://, gs://, az://) or a Hub repo id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a Hub repo id.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16' for *.fp16.safetensors.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder on GPU; 'auto' is bf16 where supported, else fp16; always fp32 on CPU.")
@@ -157,7 +188,7 @@ class PriorConfig(Section):
     loss_weight: float = Field(1.0, ge=0, description="Weight of the prior MSE in the combined loss.")
     sample_steps: int = Field(25, gt=0, description="Sampler steps when generating class images.")
     guidance_scale: float = Field(7.5, ge=0, description="Guidance scale when generating class images.")
-    store: str | None = Field(None, description="Where class images live (any URI); default <output>/<job>/priors.")
+    store: Annotated[str, AfterValidator(location)] | None = Field(None, description="Where class images live (any URI); default <output>/<job>/priors.")
 
 
 # --------------------------------------------------------------------------- subjects
@@ -165,7 +196,7 @@ class PriorConfig(Section):
 
 class Subject(Section):
     id: str = Field(description="Unique subject id, safe as a path component and a label: [A-Za-z0-9][A-Za-z0-9._-]*.")
-    images: str | list[str] = Field(description="A folder (path or URI) of instance images, or a list of image paths/URIs.")
+    images: Annotated[str, AfterValidator(location)] | list[Annotated[str, AfterValidator(location)]] = Field(description="A folder (path or URI) of instance images, or a list of image paths/URIs.")
     instance_prompt: str = Field(description="Prompt with the rare identifier, e.g. 'a photo of sks dog'.")
     class_prompt: str | None = Field(None, description="Class prompt for prior preservation, e.g. 'a photo of a dog'.")
     steps: int | None = Field(None, gt=0, description="Per-subject override of train.steps.")
@@ -174,7 +205,7 @@ class Subject(Section):
     @field_validator("id")
     @classmethod
     def _safe_id(cls, value: str) -> str:
-        if not SUBJECT_ID_RE.match(value) or value in (".", ".."):
+        if not SUBJECT_ID_RE.fullmatch(value) or value in (".", ".."):
             raise ValueError(
                 f"{value!r} is not a safe subject id: use letters, digits, '.', '_' or '-', "
                 "starting with a letter or digit, at most 128 characters"
@@ -200,7 +231,7 @@ class Subject(Section):
 
 
 class OutputConfig(Section):
-    uri: str = Field("./outputs", description="Where results go (any fsspec URI or a local path); results land under <uri>/<job name>/.")
+    uri: Annotated[str, AfterValidator(location)] = Field("./outputs", description="Where results go (any fsspec URI or a local path); results land under <uri>/<job name>/.")
     formats: list[Literal["peft", "diffusers", "kohya"]] = Field(default_factory=lambda: ["peft", "diffusers", "kohya"], description="Adapter formats written for each subject.")
     max_attempts: int = Field(3, gt=0, description="Attempts per subject before it stays failed.")
     heartbeat_s: int = Field(60, gt=0, description="How often a running subject's status.json heartbeat is refreshed.")
@@ -249,6 +280,24 @@ class SlurmConfig(Section):
     signal_grace_s: int = Field(120, gt=0, description="Seconds before the time limit at which workers are told to checkpoint.")
     max_requeues: int = Field(3, ge=0, description="Requeues after preemption or time limit before giving up.")
 
+    @field_validator("partition", "account", "qos", "time", "gres", "mem", "constraint", "log_dir", "venv")
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        return value if value is None else one_line(value)  # each lands in a line of the batch script
+
+    @field_validator("extra", "mounts")
+    @classmethod
+    def _one_line_each(cls, value: list[str]) -> list[str]:
+        return [one_line(v) for v in value]
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, value: str) -> str:
+        if not SLURM_TIME_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS "
+                             "or UNLIMITED")
+        return value
+
 
 class KubernetesConfig(Section):
     namespace: str = Field("default", description="Namespace of the rendered objects.")
@@ -280,6 +329,19 @@ class ClusterConfig(Section):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm settings.")
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="Kubernetes settings.")
 
+    @field_validator("env")
+    @classmethod
+    def _env(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not ENV_NAME_RE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name (letters, digits and '_', "
+                                 "not starting with a digit)")
+            if CREDENTIAL_NAME_RE.search(name):
+                raise ValueError(f"{name} looks like a credential, which a job file never holds: give it to the "
+                                 "workers through the node's environment (Slurm passes it on) or "
+                                 "cluster.kubernetes.credentials_secret")
+        return value
+
 
 # --------------------------------------------------------------------------- job
 
@@ -290,7 +352,7 @@ class JobConfig(Section):
     adapter: UNetAdapter = Field(default_factory=LoraAdapter, description="The adapter trained for each subject.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior preservation.")
-    subjects: list[Subject] | str = Field(description="Subjects inline, or a JSONL/CSV manifest path or URI.")
+    subjects: list[Subject] | Annotated[str, AfterValidator(location)] = Field(description="Subjects inline, or a JSONL/CSV manifest path or URI.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where and what to write.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Processes, nodes and parallel strategy.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Scheduler-specific settings.")
@@ -308,7 +370,7 @@ class JobConfig(Section):
     @field_validator("name")
     @classmethod
     def _dns_safe(cls, value: str) -> str:
-        if not JOB_NAME_RE.match(value):
+        if not JOB_NAME_RE.fullmatch(value):
             raise ValueError(f"{value!r} must be lowercase letters, digits and '-', 1-52 characters, not starting or ending with '-'")
         return value
 
@@ -424,28 +486,41 @@ def _model_at(loc: tuple, root: type[BaseModel] = None) -> type[BaseModel] | Non
     return cls if isinstance(cls, type) and issubclass(cls, BaseModel) else None
 
 
+GENERIC_TYPE_ERROR = ("Input should be a valid list", "Input should be a valid string",
+                      "Input should be a valid dictionary")
+
+
+def _is_branch_label(part) -> bool:
+    """Parts of an error location that name a union's branch, not a key: "lora", "list[Subject]",
+    "function-after[location(), str]", "str"."""
+    return isinstance(part, str) and ("[" in part or part in ("str", "lora", "loha", "lokr"))
+
+
 def _format_errors(exc: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
-    """One line per problem, with its dotted path; `root` is the model validated (default the job)."""
-    problems = []
+    """One line per problem, with its dotted path; `root` is the model validated (default the job).
+    A union reports every branch; where one branch says what is wrong, the others' bare "should
+    be a valid list/string" lines for the same key are left out."""
+    found = []
     for err in exc.errors():
-        loc = tuple(p for p in err["loc"] if p not in ("lora", "loha", "lokr", "list[Subject]", "str"))
+        loc = tuple(p for p in err["loc"] if not _is_branch_label(p))
         dotted = ".".join(str(p) for p in loc) or "(job file)"
         if err["type"] == "extra_forbidden":
             parent = _model_at(tuple(err["loc"])[:-1], root)
             valid = ", ".join(sorted(parent.model_fields)) if parent else "?"
-            problems.append(f"{dotted}: unknown key; valid keys here: {valid}")
+            found.append((dotted, f"unknown key; valid keys here: {valid}"))
         elif err["type"] == "missing":
-            problems.append(f"{dotted}: required")
+            found.append((dotted, "required"))
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
             if err["type"] in ("greater_than", "greater_than_equal", "less_than", "literal_error", "int_parsing", "float_parsing", "bool_parsing"):
                 msg = f"{msg}, got {got!r}"
-            problems.append(f"{dotted}: {msg}")
-    # the union of `subjects` reports the str branch too; keep the informative one
-    if any(p.startswith("subjects.") for p in problems):
-        problems = [p for p in problems if not p.startswith("subjects: Input should be a valid string")]
-    return problems
+            found.append((dotted, msg))
+
+    def explained(path: str) -> bool:
+        return any(not m.startswith(GENERIC_TYPE_ERROR) and (p == path or p.startswith(path + ".")) for p, m in found)
+
+    return [f"{p}: {m}" for p, m in found if not (m.startswith(GENERIC_TYPE_ERROR) and explained(p))]
 
 
 def job_from_dict(data: Any, source: str = "job file") -> JobConfig:

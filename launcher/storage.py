@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from pathlib import Path
@@ -50,12 +51,14 @@ def join(uri: str, *parts: str) -> str:
     return out
 
 
-def redact(uri: str) -> str:
-    """Drop any user:password@ part of a URI before it goes into a message."""
-    scheme, sep, rest = uri.partition("://")
-    if sep and "@" in rest.split("/", 1)[0]:
-        rest = rest.split("@", 1)[1]
-    return f"{scheme}{sep}{rest}"
+_SECRET_PARTS = re.compile(r"(?<=://)[^/@\s]*@|\?[^\s'\"]+")
+EXTRAS = {"s3": "s3", "gs": "gcs", "gcs": "gcs", "az": "azure", "abfs": "azure", "abfss": "azure"}  # pyproject extras
+
+
+def redact(text: str) -> str:
+    """A URI, or a message holding URIs, without their user:password@ parts and query strings
+    (a signed URL's signature is a credential) before it goes into a message."""
+    return _SECRET_PARTS.sub(lambda m: "?..." if m.group(0).startswith("?") else "", text)
 
 
 def _fs(uri: str):
@@ -63,8 +66,14 @@ def _fs(uri: str):
 
     if is_local(uri):
         return fsspec.filesystem("file"), str(local_path(uri).absolute())
-    fs, path = fsspec.core.url_to_fs(uri, **_storage_options(uri))
-    return fs, path
+    try:
+        return fsspec.core.url_to_fs(uri, **_storage_options(uri))
+    except ImportError as exc:  # the scheme's filesystem package is not installed
+        scheme = uri.split("://", 1)[0]
+        extra = f" (pip install 'dreamfleet[{EXTRAS[scheme]}]')" if scheme in EXTRAS else ""
+        raise StorageError(f"cannot use {redact(uri)}: {exc}{extra}") from None
+    except (ValueError, OSError) as exc:  # an unknown scheme, an unresolvable host
+        raise StorageError(f"cannot use {redact(uri)}: {type(exc).__name__}: {redact(str(exc))}") from None
 
 
 def _storage_options(uri: str) -> dict[str, Any]:
@@ -103,7 +112,7 @@ def call(uri: str, what: str, fn: Callable[[], T], attempts: int | None = None) 
             if not is_transient(exc) or attempt == attempts:
                 if isinstance(exc, FileNotFoundError):
                     raise
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                reason = redact(f"{type(exc).__name__}: {exc}".splitlines()[0][:300])
                 raise StorageError(f"cannot {what} {redact(uri)} after {attempt} attempt(s): {reason}") from exc
             delay = min(30.0, RETRY_BASE_S * 2 ** (attempt - 1)) * (0.5 + random.random())
             log.warning("transient error on %s %s (attempt %d/%d): %s; retrying in %.1fs",

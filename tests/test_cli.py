@@ -132,3 +132,16 @@ def test_relative_paths_get_a_note_where_workers_run_in_containers(make_job, tmp
             assert f"note: relative paths resolve {where}, not in this directory: output.uri ./outputs." in proc.stderr
         else:
             assert "relative paths" not in proc.stderr
+
+
+def test_render_refuses_an_out_that_is_a_file_or_holds_the_job_file_itself(make_job, tmp_path):
+    job = tmp_path / "mine" / "job.yaml"  # named as the render names the resolved job file
+    job.parent.mkdir()
+    job.write_text(make_job().read_text() + "# my notes\n")
+    original = job.read_text()
+    here = run_cli("render", str(job), "--backend", "slurm", "--out", str(job.parent))
+    assert here.returncode == 2 and "holds the job file" in here.stderr and "Traceback" not in here.stderr
+    assert job.read_text() == original
+    for out in (job, "/proc/nowhere"):
+        proc = run_cli("submit", str(job), "--backend", "slurm", "--dry-run", "--out", str(out))
+        assert proc.returncode == 2 and f"error: --out {out}" in proc.stderr and "Traceback" not in proc.stderr

@@ -211,3 +211,57 @@ def test_prior_preservation_needs_class_prompts_in_a_manifest_too(tmp_path, mani
     job = load_job(write(tmp_path, {**MINIMAL, "subjects": str(tmp_path / manifest), "prior": {"enabled": True}}))
     with pytest.raises(ConfigError, match="needs a class_prompt for every subject; missing for: b$"):
         resolve_subjects(job)
+
+
+@pytest.mark.parametrize("override, message", [
+    (r'name="job\n"', "name: 'job\\n' must be lowercase"),
+    (r'subjects.0.id="dog\n"', "subjects.0.id: 'dog\\n' is not a safe subject id"),
+    (r'cluster.slurm.partition="gpu\ntouch /tmp/x"', "cluster.slurm.partition: 'gpu\\ntouch /tmp/x' must be one line"),
+    (r'cluster.slurm.extra=["--qos=a\nrm -rf /"]', "cluster.slurm.extra: '--qos=a\\nrm -rf /' must be one line"),
+    ("cluster.slurm.time=banana", "cluster.slurm.time: 'banana' is not a Slurm time limit"),
+    ('cluster.env={"A;touch /tmp/x;B": "1"}', "cluster.env: 'A;touch /tmp/x;B' is not an environment variable name"),
+    ('cluster.env={"AWS_SECRET_ACCESS_KEY": "x"}', "cluster.env: AWS_SECRET_ACCESS_KEY looks like a credential"),
+    ('cluster.env={"HF_TOKEN": "x"}', "cluster.env: HF_TOKEN looks like a credential"),
+    ("output.uri=s3://AKIA:hunter2@bucket/out", "output.uri: s3://<user>:<password>@... holds a credential"),
+    ("output.uri=", "output.uri: must not be empty"),
+    ("output.uri=s3://", "output.uri: 's3://' names no bucket or host"),
+    ("model.source=s3:/models/sd", "model.source: 's3:/models/sd' is neither a path nor a URI"),
+    ("subjects=gs:/x.jsonl", "subjects: 'gs:/x.jsonl' is neither a path nor a URI"),
+    ('subjects.0.images=["/ok.png", "s3://u:p@b/x.png"]', "subjects.0.images.1: s3://<user>:<password>@... holds"),
+    ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+])
+def test_hostile_or_malformed_values_are_refused(tmp_path, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, MINIMAL), [override])
+    assert [p for p in err.value.problems if p.startswith(message)], err.value.problems
+    assert "hunter2" not in str(err.value)
+
+
+@pytest.mark.parametrize("time", ["30", "30:00", "04:00:00", "2-00", "2-12:00", "1-00:00:00", "UNLIMITED"])
+def test_slurm_time_limits_in_every_form_slurm_takes(tmp_path, time):
+    assert load_job(write(tmp_path, MINIMAL), [f"cluster.slurm.time={time!r}"]).cluster.slurm.time == time
+
+
+def test_redact_drops_user_info_and_query_strings():
+    from launcher.storage import redact
+
+    assert redact("s3://AKIA:hunter2@bucket/x?X-Amz-Signature=abc") == "s3://bucket/x?..."
+    assert redact("cannot read https://h/a.jsonl?sig=S3cret: 403 Forbidden") == "cannot read https://h/a.jsonl?... 403 Forbidden"
+    assert redact("./outputs/job") == "./outputs/job"
+
+
+def test_a_storage_scheme_that_cannot_be_used_is_a_message(monkeypatch):
+    import fsspec
+
+    from launcher import storage
+    from launcher.errors import StorageError
+
+    with pytest.raises(StorageError, match="cannot use xyz://bucket/s.jsonl: ValueError: Protocol not known: xyz"):
+        storage.exists("xyz://bucket/s.jsonl")
+
+    def missing_package(*args, **kwargs):
+        raise ImportError("Please install gcsfs to access Google Storage")
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", missing_package)  # as fsspec answers without gcsfs
+    with pytest.raises(StorageError, match=r"gs://bucket/s.jsonl: Please install gcsfs .*dreamfleet\[gcs\]"):
+        storage.exists("gs://bucket/s.jsonl")

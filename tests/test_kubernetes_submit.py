@@ -124,3 +124,12 @@ def test_a_render_replaces_only_the_files_it_wrote_before(tmp_path):
                      "cluster.shards=4")
     assert failed.returncode == 2, failed.stderr
     assert {p.name for p in out.glob("*.yaml")} == now
+
+
+def test_a_render_leaves_files_it_could_not_have_written(tmp_path):
+    out = tmp_path / "deploy"
+    out.mkdir()
+    (out / "precious.yaml").write_text("kind: Mine\n")  # listed by a kustomization of the user's own
+    (out / "Kustomization").write_text("resources: [precious.yaml, ../elsewhere.yaml]\n")
+    assert run_cli("render", EXAMPLE, "--backend", "kubernetes", "--out", str(out)).returncode == 0
+    assert (out / "precious.yaml").read_text() == "kind: Mine\n"

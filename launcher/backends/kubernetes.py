@@ -11,6 +11,7 @@ limited to 256 KiB, which the job file's ConfigMap of a large fleet outgrows.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,6 +43,9 @@ _Dumper.add_representer(str, _str)
 
 def dump(obj: dict) -> str:
     return yaml.dump(obj, Dumper=_Dumper, sort_keys=True, default_flow_style=False, allow_unicode=True, width=120)
+
+
+RENDERED_NAME = re.compile(r"\d{2}-[a-z]+-[a-z0-9.-]+\.yaml")  # what file_name gives, and all a re-render removes
 
 
 def file_name(index: int, obj: dict) -> str:
@@ -79,7 +83,7 @@ def _rendered_before(out_dir: Path) -> list[str]:
         listed = yaml.load((out_dir / KUSTOMIZATION).read_text(), Loader=YAML_LOADER)["resources"]
     except (OSError, yaml.YAMLError, TypeError, KeyError):
         return []
-    return [name for name in listed if isinstance(name, str) and "/" not in name and name.endswith(".yaml")]
+    return [name for name in listed if isinstance(name, str) and RENDERED_NAME.fullmatch(name)]
 
 
 def _kubectl(args: list[str], what: str) -> str:
