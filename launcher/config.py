@@ -29,6 +29,8 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CREDENTIAL_NAME_RE = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY", re.I)
 SLURM_TIME_RE = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|INFINITE",
                            re.I)
+DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+QUANTITY_RE = re.compile(r"\d+(\.\d+)?([mkMGTPE]|[KMGTPE]i)?")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -319,6 +321,20 @@ class KubernetesConfig(Section):
     backoff_limit: int = Field(3, ge=0, description="Retries of the job (per index for fleets).")
     termination_grace_s: int = Field(300, gt=0, description="Grace period from SIGTERM to kill: time to checkpoint and exit.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Container imagePullPolicy.")
+
+    @field_validator("namespace")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not DNS_LABEL_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a namespace name: lowercase letters, digits and '-', at most 63")
+        return value
+
+    @field_validator("cpu", "memory", "shm_size", "cache_size")
+    @classmethod
+    def _quantity(cls, value: str) -> str:
+        if not QUANTITY_RE.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Kubernetes quantity, e.g. 8, 500m, 64Gi")
+        return value
 
 
 class ClusterConfig(Section):

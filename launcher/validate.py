@@ -17,6 +17,9 @@ def check_model(source: str) -> list[str]:
         if source.count("/") == 1 and not source.startswith((".", "/")):
             return []  # a Hub repo id; checked when it is downloaded
         return [f"model.source: {source} does not exist"]
+    if "://" not in source and storage.local_path(source).is_file():
+        return [f"model.source: {source} is a file; name the model's folder (diffusers layout: "
+                f"{', '.join(COMPONENTS)} in it)"]
     try:
         present = set(storage.list_names(source))
     except StorageError as exc:

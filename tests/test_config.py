@@ -229,6 +229,8 @@ def test_prior_preservation_needs_class_prompts_in_a_manifest_too(tmp_path, mani
     ("subjects=gs:/x.jsonl", "subjects: 'gs:/x.jsonl' is neither a path nor a URI"),
     ('subjects.0.images=["/ok.png", "s3://u:p@b/x.png"]', "subjects.0.images.1: s3://<user>:<password>@... holds"),
     ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
+    ("cluster.kubernetes.namespace=Team_A", "cluster.kubernetes.namespace: 'Team_A' is not a namespace name"),
+    ("cluster.kubernetes.memory=lots", "cluster.kubernetes.memory: 'lots' is not a Kubernetes quantity"),
 ])
 def test_hostile_or_malformed_values_are_refused(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
