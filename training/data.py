@@ -17,6 +17,7 @@ import torch
 from launcher import storage
 from launcher.config import TrainConfig
 from launcher.errors import InputError
+from launcher.subjects import too_large
 
 
 def decode_image(data: bytes, name: str):
@@ -27,6 +28,8 @@ def decode_image(data: bytes, name: str):
         img.load()
     except UnidentifiedImageError:
         raise InputError(f"{name} is not an image") from None
+    except Image.DecompressionBombError as exc:  # not an OSError: it would end the worker, not fail the subject
+        raise InputError(f"{name} {too_large(exc)}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{name} cannot be decoded ({exc})") from None
     img = ImageOps.exif_transpose(img)
