@@ -160,11 +160,13 @@ def test_merged_model_matches_adapter(tiny_model, tmp_path, kind):
 
     unet, te, trained = _trained(tiny_model, SPECS[kind], SPECS[kind])
     export.write_peft(trained, tmp_path / "adapter")
+    (tmp_path / "merged").mkdir()  # an empty OUT is fine: the finished pipeline replaces it
     merge(tiny_model, tmp_path / "adapter", tmp_path / "merged")
     sample, ids = _inputs(unet)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]  # no staging folder left
     m_unet = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet").eval()
     m_te = CLIPTextModel.from_pretrained(tmp_path / "merged", subfolder="text_encoder").eval()
     torch.testing.assert_close(_forward(m_unet, m_te, sample, ids), _forward(unet, te, sample, ids),
@@ -200,3 +202,157 @@ def test_real_run_converts_and_merges(make_job, tiny_model, tmp_path):
     sample, ids = _inputs(unet)
     torch.testing.assert_close(_forward(merged, te, sample, ids), _forward(unet.eval(), te, sample, ids),
                                atol=ATOL, rtol=1e-3)
+
+
+def test_diffusers_file_converts_back_to_peft(tiny_model, tmp_path):
+    """peft -> diffusers file -> peft keeps weights and alpha (the peft configs ride in its header)."""
+    from training.convert import convert, read
+
+    _, _, trained = _trained(tiny_model, SPECS["lora"], SPECS["lora"])
+    export.write_peft(trained, tmp_path / "adapter")
+    path = convert(tmp_path / "adapter", tmp_path / "diffusers", "diffusers")
+    back = read(convert(path, tmp_path / "peft", "peft"))
+    assert back.unet_spec.effective_alpha == SPECS["lora"].effective_alpha
+    for ours, theirs in ((trained.unet, back.unet), (trained.text_encoder, back.text_encoder)):
+        assert ours.keys() == theirs.keys()
+        for key in ours:
+            torch.testing.assert_close(theirs[key], ours[key])
+
+
+# ------------------------------------------------------------------ user mistakes: a message and exit 2
+
+
+@pytest.fixture(scope="module")
+def lora_files(tiny_model, tmp_path_factory):
+    """A LoRA (UNet + text encoder) of the tiny model as a PEFT folder (adapter/) and a kohya file."""
+    _, _, trained = _trained(tiny_model, SPECS["lora"], SPECS["lora"])
+    root = tmp_path_factory.mktemp("lora")
+    export.write_peft(trained, root / "adapter")
+    kohya.write_kohya(trained, root / "lora.safetensors")
+    return root
+
+
+def _user_error(done, *words: str) -> str:
+    """Assert the run failed the way a user mistake must: exit 2, one `error:` line naming the problem,
+    no traceback and no library noise before it."""
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "gemm_4bit" not in done.stderr, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and done.stderr.strip().endswith(errors[0]), done.stderr[-3000:]
+    for word in words:
+        assert word in errors[0], errors[0]
+    return errors[0]
+
+
+def _file(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+# each: tmp_path, lora_files, tiny_model -> (convert arguments, words its error names)
+BAD_CONVERTS = {
+    "missing_src": lambda t, lora, model: ([t / "nope.safetensors", t / "out", "--to", "peft"],
+                                           ["nope.safetensors", "does not exist"]),
+    "yaml_src": lambda t, lora, model: ([_file(t / "job.yaml", b"name: x\nsubjects: []\n"), t / "out", "--to", "peft"],
+                                        ["job.yaml", "not a safetensors file"]),
+    "fake_png_src": lambda t, lora, model: ([_file(t / "img.png", b"\x89PNG\r\n\x1a\n" + bytes(64)), t / "out", "--to", "peft"],
+                                            ["img.png", "not a safetensors file"]),
+    "junk_safetensors_src": lambda t, lora, model: ([_file(t / "junk.safetensors", b"junk"), t / "out", "--to", "kohya"],
+                                                    ["junk.safetensors", "not a safetensors file"]),
+    "model_weights_src": lambda t, lora, model: ([model / "unet" / "diffusion_pytorch_model.safetensors", t / "out", "--to",
+                                                  "peft"], ["diffusion_pytorch_model.safetensors", "no adapter weights"]),
+    "empty_dir_src": lambda t, lora, model: ([t, t / "out", "--to", "kohya"], [str(t), "no PEFT adapter"]),
+    "kohya_without_model": lambda t, lora, model: ([lora / "lora.safetensors", t / "out", "--to", "peft"], ["--model"]),
+    "kohya_missing_model": lambda t, lora, model: ([lora / "lora.safetensors", t / "out", "--to", "peft", "--model",
+                                                    t / "no-model"], ["no-model", "does not exist"]),
+    "kohya_dst_is_folder": lambda t, lora, model: ([lora / "adapter", t, "--to", "kohya"], [str(t), "is a folder"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONVERTS))
+def test_convert_user_mistakes(case, tmp_path, lora_files, tiny_model):
+    from conftest import run_cli
+
+    args, words = BAD_CONVERTS[case](tmp_path, lora_files, tiny_model)
+    before = sorted(tmp_path.rglob("*"))
+    _user_error(run_cli("convert", *map(str, args)), *words)
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
+def test_convert_corrupt_peft_config(tmp_path, lora_files):
+    from conftest import run_cli
+    import shutil
+
+    shutil.copytree(lora_files / "adapter", tmp_path / "adapter")
+    (tmp_path / "adapter" / "text_encoder" / "adapter_config.json").write_text("{not json")
+    _user_error(run_cli("convert", str(tmp_path / "adapter"), str(tmp_path / "out"), "--to", "kohya"),
+                "text_encoder/adapter_config.json", "not a valid PEFT adapter config")
+    assert not (tmp_path / "out").exists()
+
+
+def _corrupt(relative: str, text: str | None = None, replace: tuple[str, str] | None = None):
+    """A case that spoils one file of a copy of the adapter."""
+    def spoil(adapter):
+        path = adapter / relative
+        path.write_text(text if text is not None else path.read_text().replace(*replace))
+    return spoil
+
+
+# each: (how to spoil a copy of the adapter, or a folder name for a missing/empty adapter; words its error names)
+BAD_ADAPTERS = {
+    "missing_adapter": ("missing", ["adapter", "does not exist"]),
+    "empty_adapter": ("empty", ["adapter", "holds no PEFT adapter"]),
+    # the UNet merges fine first: the failure comes after part of the pipeline was written
+    "corrupt_te_config": (_corrupt("text_encoder/adapter_config.json", "{not json"),
+                          ["text_encoder/adapter_config.json", "not a valid PEFT adapter config"]),
+    "corrupt_unet_weights": (_corrupt("unet/adapter_model.safetensors", "junk"),
+                             ["unet/adapter_model.safetensors", "cannot be read"]),
+    "rank_does_not_fit": (_corrupt("text_encoder/adapter_config.json", replace=('"r": 4', '"r": 8')),
+                          ["adapter/text_encoder", "does not fit", "size mismatch"]),
+    "targets_do_not_fit": (_corrupt("unet/adapter_config.json", replace=('"to_q"', '"no_such_module"')),
+                           ["adapter/unet", "does not fit"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ADAPTERS))
+def test_merge_bad_adapter(case, tmp_path, lora_files, tiny_model):
+    from conftest import run_cli
+    import shutil
+
+    spoil, words = BAD_ADAPTERS[case]
+    adapter = tmp_path / "adapter"
+    if spoil == "empty":
+        adapter.mkdir()
+    elif spoil != "missing":
+        shutil.copytree(lora_files / "adapter", adapter)
+        spoil(adapter)
+    _user_error(run_cli("merge", str(tiny_model), str(adapter), str(tmp_path / "merged")), *words)
+    assert not [p.name for p in tmp_path.iterdir() if "merged" in p.name]  # no OUT, no staging folder
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_pipeline", "corrupt_weights"])
+def test_merge_bad_model(case, tmp_path, lora_files, tiny_model):
+    from conftest import run_cli
+    import shutil
+
+    model = tmp_path / "model"
+    if case == "not_a_pipeline":
+        model = lora_files / "adapter"
+    elif case == "corrupt_weights":
+        shutil.copytree(tiny_model, model)
+        (model / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"junk")
+    words = {"missing": [str(model), "does not exist"], "not_a_pipeline": [str(model), "unet/config.json"],
+             "corrupt_weights": [str(model / "unet"), "cannot be loaded"]}[case]
+    _user_error(run_cli("merge", str(model), str(lora_files / "adapter"), str(tmp_path / "merged")), *words)
+    assert not [p.name for p in tmp_path.iterdir() if "merged" in p.name]
+
+
+def test_merge_refuses_non_empty_out(tmp_path, lora_files, tiny_model):
+    from conftest import run_cli
+
+    out = tmp_path / "merged"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    _user_error(run_cli("merge", str(tiny_model), str(lora_files / "adapter"), str(out)), str(out), "not empty")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -6,6 +6,9 @@ IN is a PEFT adapter folder (unet/ and optionally text_encoder/), a diffusers Lo
 kohya/A1111/ComfyUI/LyCORIS single file (LoRA, LoHa, LoKr). Reading a kohya file needs the base
 model (--model) because its keys flatten module paths ('.' -> '_'). OUT is a folder for --to peft
 and diffusers, a .safetensors file for --to kohya.
+
+A user mistake (a missing or unreadable IN, a file that is no adapter, an OUT of the wrong kind) is
+one `error:` line on stderr and exit code 2, as the launcher's own commands do.
 """
 
 from __future__ import annotations
@@ -14,11 +17,13 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from launcher.config import LohaSpec, LokrSpec, LoraSpec
+from launcher.errors import InputError, UserError
 from training import export, kohya
+from training.tools import fail, load_part, one_line, quiet_libraries, read_adapter_part
 
 TARGETS = ("peft", "diffusers", "kohya")
 
@@ -35,30 +40,28 @@ def spec_from_peft(config):
         return LohaSpec(**common)
     if isinstance(config, LoKrConfig):
         return LokrSpec(decompose_both=config.decompose_both, decompose_factor=config.decompose_factor, **common)
-    raise ValueError(f"unsupported peft config {type(config).__name__}")
+    raise InputError(f"unsupported peft adapter type {config.peft_type} ({type(config).__name__}); "
+                     "convert handles LoRA, LoHa and LoKr")
 
 
 def read_peft(directory: Path) -> export.TrainedAdapter:
-    from peft import PeftConfig
-
     parts = {}
     for part in ("unet", "text_encoder"):
         if (directory / part / "adapter_config.json").exists():
-            config = PeftConfig.from_pretrained(str(directory / part))
-            state = load_file(str(directory / part / "adapter_model.safetensors"))
+            config, state = read_adapter_part(directory / part)
             parts[part] = (state, config, spec_from_peft(config))
     if "unet" not in parts:
-        raise ValueError(f"{directory}: no PEFT adapter (expected unet/adapter_config.json)")
+        raise InputError(f"{directory}: no PEFT adapter (expected unet/adapter_config.json)")
     return _adapter(parts, _metadata(directory / "unet" / "adapter_model.safetensors"))
 
 
 def read_diffusers(path: Path) -> export.TrainedAdapter:
     from peft import LoraConfig
 
-    tensors = load_file(str(path))
-    meta = _metadata(path)
+    tensors = _tensors(path)
+    meta = _header_metadata(path)
     if "lora_adapter_metadata" not in meta:
-        raise ValueError(f"{path}: a diffusers LoRA without peft metadata; convert it with diffusers "
+        raise InputError(f"{path}: a diffusers LoRA without peft metadata; convert it with diffusers "
                          "(pipe.load_lora_weights) or pass the kohya file instead")
     configs = json.loads(meta["lora_adapter_metadata"])
     parts = {}
@@ -68,20 +71,21 @@ def read_diffusers(path: Path) -> export.TrainedAdapter:
             cfg = {k[len(part) + 1:]: v for k, v in configs.items() if k.startswith(part + ".")}
             config = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
             parts[part] = (state, config, spec_from_peft(config))
-    return _adapter(parts, meta)
+    if "unet" not in parts:
+        raise InputError(f"{path}: no unet.* keys")
+    return _adapter(parts, _metadata(path))
 
 
 def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
     from training.adapters import peft_config
-    from training.merge import _load
 
-    tensors = load_file(str(path))
+    tensors = _tensors(path)
     parts = {}
     for part in ("unet", "text_encoder"):
         own = {k: v for k, v in tensors.items() if k.startswith(kohya.PREFIX[part])}
         if not own:
             continue
-        names = [n for n, _ in _load(model_dir, part).named_modules()]
+        names = [n for n, _ in load_part(model_dir, part).named_modules()]
         spec = _spec_from_kohya(own, names, part)
         state = kohya.from_kohya(own, part, names, spec.effective_alpha, spec.rank)
         # exact module paths as targets, so peft adapts precisely the modules in the file
@@ -89,7 +93,7 @@ def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
                                                           k.rsplit(".", 1)[0] for k in state})})
         parts[part] = (state, peft_config(spec, {}), spec)
     if "unet" not in parts:
-        raise ValueError(f"{path}: no lora_unet_* keys")
+        raise InputError(f"{path}: no lora_unet_* keys")
     return _adapter(parts, _metadata(path))
 
 
@@ -119,23 +123,50 @@ def _adapter(parts, metadata) -> export.TrainedAdapter:
     return adapter
 
 
-def _metadata(path: Path) -> dict[str, str]:
+def _keys(path: Path) -> list[str]:
+    """The tensor names in a single-file adapter; what is not a safetensors file is named as such
+    (safetensors' own error only says the header is too small or too large)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (OSError, SafetensorError) as exc:
+        raise InputError(f"{path} is not a safetensors file ({one_line(exc)}); convert reads a PEFT adapter folder, "
+                         "a diffusers LoRA file or a kohya/LyCORIS file") from None
+
+
+def _tensors(path: Path) -> dict:
+    """All tensors of the file; its header was read already, so a failure here is a truncated file."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise InputError(f"{path} cannot be read (truncated?): {one_line(exc)}") from None
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
     with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+        return dict(f.metadata() or {})
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    """The header's descriptive entries, without those the writers regenerate (peft configs, kohya's ss_*)."""
+    meta = _header_metadata(path)
     return {k: v for k, v in meta.items() if k not in ("format", "lora_adapter_metadata") and not k.startswith("ss_")}
 
 
 def read(path: Path, model_dir: Path | None = None) -> export.TrainedAdapter:
     path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist")
     if path.is_dir():
         if (path / "adapter").is_dir():
             path = path / "adapter"
         return read_peft(path)
-    with safe_open(str(path), framework="pt") as f:
-        keys = list(f.keys())
+    keys = _keys(path)
+    if not any(k.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")) for k in keys):
+        raise InputError(f"{path} holds no adapter weights (no lora_unet_*, lora_te_*, unet.* or text_encoder.* keys)")
     if any(k.startswith("lora_unet_") or k.startswith("lora_te_") for k in keys):
         if model_dir is None:
-            raise ValueError(f"{path} is a kohya/LyCORIS file: pass --model MODEL_DIR to map its keys")
+            raise InputError(f"{path} is a kohya/LyCORIS file: pass --model MODEL_DIR to map its keys")
         return read_kohya(path, Path(model_dir))
     return read_diffusers(path)
 
@@ -145,17 +176,41 @@ def convert(src: Path, dst: Path, to: str, model_dir: Path | None = None) -> Pat
         raise ValueError(f"--to must be one of {', '.join(TARGETS)}, got {to!r}")
     adapter = read(src, model_dir)
     dst = Path(dst)
-    if to == "kohya":
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        return kohya.write_kohya(adapter, dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    if to == "peft":
-        export.write_peft(adapter, dst)
-        return dst
-    path = export.write_diffusers(adapter, dst)
-    if path is None:
-        raise ValueError("diffusers' LoRA format holds LoRA only; convert LoHa/LoKr to peft or kohya")
-    return path
+    _check_dst(adapter, dst, to)
+    try:
+        if to == "kohya":
+            return _write_kohya(adapter, dst)
+        dst.mkdir(parents=True, exist_ok=True)
+        if to == "peft":
+            export.write_peft(adapter, dst)
+            return dst
+        return export.write_diffusers(adapter, dst)
+    except OSError as exc:  # no permission, no space: the user's to fix, not a bug
+        raise InputError(f"cannot write {dst}: {one_line(exc)}") from None
+
+
+def _check_dst(adapter: export.TrainedAdapter, dst: Path, to: str) -> None:
+    """Refuse what cannot be written before anything is, so a refusal leaves no empty output behind."""
+    if to == "kohya" and dst.is_dir():
+        raise InputError(f"{dst} is a folder; --to kohya writes one .safetensors file")
+    if to != "kohya" and dst.exists() and not dst.is_dir():
+        raise InputError(f"{dst} exists and is not a folder; --to {to} writes a folder")
+    specs = [s for s in (adapter.unet_spec, adapter.text_encoder_spec) if s is not None]
+    if to == "diffusers" and not all(isinstance(s, LoraSpec) for s in specs):  # export.write_diffusers' rule
+        raise InputError("diffusers' LoRA format holds LoRA only; convert LoHa/LoKr to peft or kohya")
+
+
+def _write_kohya(adapter: export.TrainedAdapter, dst: Path) -> Path:
+    """Written beside dst and renamed into place, so a failure never leaves a truncated file under dst's name."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = dst.with_name(f".{dst.name}.partial")
+    try:
+        kohya.write_kohya(adapter, partial)
+        partial.replace(dst)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return dst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,10 +220,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--to", required=True, choices=TARGETS)
     parser.add_argument("--model", type=Path, default=None, help="base model dir (needed to read kohya files)")
     args = parser.parse_args(argv)
+    quiet_libraries()
     try:
         print(convert(args.src, args.dst, args.to, args.model))
-    except ValueError as exc:
-        raise SystemExit(f"error: {exc}") from None
+    except (UserError, ValueError) as exc:  # ValueError: kohya's and the specs' refusals of what the file holds
+        fail(exc)
 
 
 if __name__ == "__main__":

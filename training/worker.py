@@ -23,13 +23,9 @@ def _setup_logging(rank: int) -> None:
                         format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     for noisy in ("httpx", "botocore", "s3fs", "aiobotocore", "urllib3", "PIL", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # warnings about parts the worker never uses: bitsandbytes' 4-bit CPU kernels (on CPUs with
-    # AVX512-BF16) and transformers' image processors without torchvision (diffusers imports them)
-    for unused in ("bitsandbytes.backends.cpu.ops", "transformers.utils.import_utils"):
-        logging.getLogger(unused).setLevel(logging.ERROR)
-    # progress bars of from_pretrained are carriage-return noise in a cluster log; the worker logs
-    # what it loaded itself (read by huggingface_hub, transformers and diffusers at import)
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from training.tools import quiet_libraries
+
+    quiet_libraries()  # warnings about parts never used, and from_pretrained's progress bars
 
 
 def _load_plan(path: str | None, job_file: str):
