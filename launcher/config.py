@@ -34,6 +34,16 @@ QUANTITY_RE = re.compile(r"\d+(\.\d+)?([mkMGTPE]|[KMGTPE]i)?")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 
+def matching(pattern: re.Pattern, what: str):
+    """A validator: the whole value matches `pattern`, else "<value> <what>"."""
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(f"{value!r} {what}")
+        return value
+
+    return check
+
+
 def one_line(value: str) -> str:
     """For strings that land in a batch script line or a file name: no newline, no control character."""
     if CONTROL_RE.search(value):
@@ -292,13 +302,8 @@ class SlurmConfig(Section):
     def _one_line_each(cls, value: list[str]) -> list[str]:
         return [one_line(v) for v in value]
 
-    @field_validator("time")
-    @classmethod
-    def _slurm_time(cls, value: str) -> str:
-        if not SLURM_TIME_RE.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS "
-                             "or UNLIMITED")
-        return value
+    _time = field_validator("time")(matching(SLURM_TIME_RE, "is not a Slurm time limit: minutes, MM:SS, HH:MM:SS, "
+                                                            "D-HH, D-HH:MM, D-HH:MM:SS or UNLIMITED"))
 
 
 class KubernetesConfig(Section):
@@ -322,19 +327,10 @@ class KubernetesConfig(Section):
     termination_grace_s: int = Field(300, gt=0, description="Grace period from SIGTERM to kill: time to checkpoint and exit.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", description="Container imagePullPolicy.")
 
-    @field_validator("namespace")
-    @classmethod
-    def _dns_label(cls, value: str) -> str:
-        if not DNS_LABEL_RE.fullmatch(value):
-            raise ValueError(f"{value!r} is not a namespace name: lowercase letters, digits and '-', at most 63")
-        return value
-
-    @field_validator("cpu", "memory", "shm_size", "cache_size")
-    @classmethod
-    def _quantity(cls, value: str) -> str:
-        if not QUANTITY_RE.fullmatch(value):
-            raise ValueError(f"{value!r} is not a Kubernetes quantity, e.g. 8, 500m, 64Gi")
-        return value
+    _namespace = field_validator("namespace")(
+        matching(DNS_LABEL_RE, "is not a namespace name: lowercase letters, digits and '-', at most 63"))
+    _quantities = field_validator("cpu", "memory", "shm_size", "cache_size")(
+        matching(QUANTITY_RE, "is not a Kubernetes quantity, e.g. 8, 500m, 64Gi"))
 
 
 class ClusterConfig(Section):
@@ -383,12 +379,8 @@ class JobConfig(Section):
                 adapter["text_encoder"] = {"type": "lora", **adapter["text_encoder"]}
         return data
 
-    @field_validator("name")
-    @classmethod
-    def _dns_safe(cls, value: str) -> str:
-        if not JOB_NAME_RE.fullmatch(value):
-            raise ValueError(f"{value!r} must be lowercase letters, digits and '-', 1-52 characters, not starting or ending with '-'")
-        return value
+    _name = field_validator("name")(matching(JOB_NAME_RE, "must be lowercase letters, digits and '-', 1-52 characters, "
+                                                         "not starting or ending with '-'"))
 
     @field_validator("subjects")
     @classmethod
