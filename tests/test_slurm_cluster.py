@@ -137,7 +137,10 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, ti
 
 def test_cancel_by_job_file_cancels_every_array_task(slurm_cluster, tmp_path, tiny_model, subjects_root):
     subjects = [subject_entry(subjects_root, i) for i in range(2)]
-    job = slurm_job(tmp_path, tiny_model, subjects, cluster={"shards": 2}, train={"steps": 5000})
+    # held in the queue (--begin in an hour): what is tested is which jobs `cancel` finds and cancels
+    job = slurm_job(tmp_path, tiny_model, subjects, train={"steps": 5000},
+                    cluster={"shards": 2, "slurm": {"runtime": "none", "venv": sys.prefix, "log_dir": str(tmp_path / "logs"),
+                                                    "extra": ["--begin=now+3600"]}})
     job_id = submit(job, slurm_cluster, tmp_path)
     proc = run_cli("cancel", str(job), env=slurm_cluster)
     assert proc.returncode == 0 and proc.stdout.strip() == f"cancelled {job_id} (t)", proc.stdout + proc.stderr
