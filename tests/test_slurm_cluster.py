@@ -135,15 +135,32 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, ti
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
-def test_cancel_by_job_file_cancels_every_array_task(slurm_cluster, tmp_path, tiny_model, subjects_root):
+def test_cancel_by_job_file_stops_every_running_array_task_without_requeue(slurm_cluster, tmp_path, tiny_model,
+                                                                           subjects_root):
+    """`launcher cancel job.yaml` while both array tasks train: scancel's SIGTERM is a stop, not a
+    preemption: the workers checkpoint and exit, the job leaves the queue and is not requeued."""
     subjects = [subject_entry(subjects_root, i) for i in range(2)]
-    # held in the queue (--begin in an hour): what is tested is which jobs `cancel` finds and cancels
-    job = slurm_job(tmp_path, tiny_model, subjects, train={"steps": 5000},
-                    cluster={"shards": 2, "slurm": {"runtime": "none", "venv": sys.prefix, "log_dir": str(tmp_path / "logs"),
-                                                    "extra": ["--begin=now+3600"]}})
+    job = slurm_job(tmp_path, tiny_model, subjects, train={"steps": 5000, "log_every": 50},
+                    output={"heartbeat_s": 1}, cluster={"shards": 2})
     job_id = submit(job, slurm_cluster, tmp_path)
+    status_root = tmp_path / "out" / "t" / "subjects"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        steps = [json.loads(p.read_text()).get("step", 0) for p in status_root.glob("*/status.json")]
+        if len(steps) == 2 and min(steps) >= 5:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the array tasks never both started training:\n" + logs(tmp_path)[-3000:])
     proc = run_cli("cancel", str(job), env=slurm_cluster)
     assert proc.returncode == 0 and proc.stdout.strip() == f"cancelled {job_id} (t)", proc.stdout + proc.stderr
-    wait_for_job(job_id, slurm_cluster, 60)
+    wait_for_job(job_id, slurm_cluster, 120)
+    text = logs(tmp_path)
+    assert text.count("not requeueing") == 2 and "requeueing job" not in text, text[-4000:]
+    for sid in ("s0", "s1"):
+        status = json.loads((status_root / sid / "status.json").read_text())
+        # checkpointed and left for a resubmission, after one attempt: nothing trained on
+        assert status["state"] == "pending" and status["attempts"] == 1 and status["step"] < 5000, status
+        assert (status_root / sid / "checkpoints" / "latest").exists()
     again = run_cli("cancel", str(job), env=slurm_cluster)
     assert again.returncode == 0 and "no Slurm job named t in the queue" in again.stdout, again.stderr

@@ -2,8 +2,10 @@
 
 One srun task per node starts one torchrun agent; the agents meet in a c10d rendezvous on the
 allocation's first node at a port derived from the job id. The batch shell traps the
-preemption signal (`--signal=B:USR1@grace`), tells the workers to checkpoint (SIGTERM to the
-step; they exit 75 after checkpointing), and requeues the job up to `max_requeues` times.
+checkpoint signal (`--signal=B:USR1@grace`), tells the workers to checkpoint (SIGTERM to the
+step; they exit 75 after checkpointing), and requeues the job up to `max_requeues` times. SIGTERM
+to the batch shell means stop (scancel, a preemption that cancels, the time limit): the workers,
+which Slurm signals too, checkpoint and exit, and the job is not requeued.
 Subject shards become an array job; the array index reaches the worker as SLURM_ARRAY_TASK_ID.
 
 Everything a user wrote is shell-quoted; no credential is ever written into the script.
@@ -112,13 +114,20 @@ def render_sbatch(job: JobConfig, plan: Plan, job_file: str) -> str:
     else:
         command = srun + prefix + worker
     lines += [
-        "preempted=''",
+        "# USR1 (ahead of the time limit, or by hand): checkpoint and requeue.",
+        "# TERM (scancel, a cancelling preemption): Slurm signals the workers too; they checkpoint and stop.",
+        "preempted='' stopping=''",
         "on_preempt() {",
         '  echo "dreamfleet: preemption or time limit: asking workers to checkpoint" >&2',
         "  preempted=1",
         '  scancel --signal=TERM "${SLURM_JOB_ID}.0" 2>/dev/null || kill -TERM "$step_pid" 2>/dev/null || true',
         "}",
-        "trap on_preempt USR1 TERM",
+        "on_stop() {",
+        '  echo "dreamfleet: SIGTERM (job cancelled): workers checkpoint and stop; not requeueing" >&2',
+        "  stopping=1",
+        "}",
+        "trap on_preempt USR1",
+        "trap on_stop TERM",
         "",
         " ".join(command) + " &",
         "step_pid=$!",
@@ -128,7 +137,7 @@ def render_sbatch(job: JobConfig, plan: Plan, job_file: str) -> str:
         "set -e",
         "",
         "# exit 75: a worker checkpointed on request; requeue unless the cap is reached",
-        'if [ -n "$preempted" ] || [ "$rc" -eq 75 ]; then',
+        'if [ -z "$stopping" ] && { [ -n "$preempted" ] || [ "$rc" -eq 75 ]; }; then',
         f'  if [ "${{SLURM_RESTART_COUNT:-0}}" -lt {s.max_requeues} ]; then',
         '    echo "dreamfleet: requeueing job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0})" >&2',
         '    scontrol requeue "$SLURM_JOB_ID"',
