@@ -15,7 +15,8 @@ from PIL import Image
 from conftest import job_dict, run_cli, write_job
 from launcher.config import Subject
 from launcher.errors import ConfigError, InputError
-from launcher.subjects import check_image_bytes, check_subject, check_subjects, load_manifest, resolve_subjects
+from launcher.manifest import load_manifest
+from launcher.subjects import check_image_bytes, check_subject, check_subjects, resolve_subjects
 
 
 @pytest.fixture
