@@ -11,10 +11,12 @@ from __future__ import annotations
 import gzip
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from launcher.errors import ConfigError
 
@@ -74,6 +76,29 @@ class Section(BaseModel):
     """Base of every section: unknown keys are errors, assignment is validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, data: Any) -> Any:
+        """`steps: true` is a mistake, not 1 (pydantic's lax mode takes a bool for a number)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key) if isinstance(value, bool) else None
+                kinds = _scalar_types(field.annotation) if field else set()
+                if bool not in kinds and Any not in kinds and kinds & {int, float}:
+                    raise ValueError(f"{key} must be a number, not {str(value).lower()}")
+        return data
+
+
+def _scalar_types(annotation: Any) -> set:
+    """The types a field takes at its top level: through unions, Annotated, Optional and literals
+    (a literal gives its values' types), not into lists or dicts."""
+    origin = get_origin(annotation)
+    if origin in (Union, UnionType, Annotated):
+        return set().union(*(_scalar_types(a) for a in get_args(annotation)))
+    if origin is Literal:
+        return {type(a) for a in get_args(annotation)}
+    return {annotation}
 
 
 # --------------------------------------------------------------------------- model

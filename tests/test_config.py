@@ -231,6 +231,9 @@ def test_prior_preservation_needs_class_prompts_in_a_manifest_too(tmp_path, mani
     ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
     ("cluster.kubernetes.namespace=Team_A", "cluster.kubernetes.namespace: 'Team_A' is not a namespace name"),
     ("cluster.kubernetes.memory=lots", "cluster.kubernetes.memory: 'lots' is not a Kubernetes quantity"),
+    ("train.steps=true", "train: steps must be a number, not true"),
+    ("train.pack=false", "train: pack must be a number, not false"),
+    ("subjects.0.learning_rate=true", "subjects.0: learning_rate must be a number, not true"),
 ])
 def test_hostile_or_malformed_values_are_refused(tmp_path, override, message):
     with pytest.raises(ConfigError) as err:
