@@ -30,6 +30,7 @@ MANIFEST = "MANIFEST.json"
 
 RETRY_ATTEMPTS = int(os.environ.get("DREAMFLEET_STORAGE_ATTEMPTS", "6"))
 RETRY_BASE_S = float(os.environ.get("DREAMFLEET_STORAGE_BACKOFF_S", "0.5"))
+S3_CONNECT_TIMEOUT_S = 10  # object stores answer in milliseconds; a black-holed endpoint should not take minutes
 _TRANSIENT_MARKERS = ("503", "500", "502", "504", "SlowDown", "Throttl", "RequestTimeout", "InternalError",
                       "ServiceUnavailable", "reset by peer", "Connection reset", "timed out", "Server disconnected",
                       "ServerDisconnected", "ClientOSError", "Connection aborted", "RemoteDisconnected",
@@ -87,6 +88,12 @@ def _storage_options(uri: str) -> dict[str, Any]:
         # one IO loop), so the client and its connections are made once, not per call (~0.3 s each);
         # listings are never cached: the ledger and the claims must see other workers' writes
         kwargs["use_listings_cache"] = False
+        # call() retries with backoff; botocore's own legacy retries (5 attempts, ~8 s) under each
+        # of its attempts made a refused endpoint take 70 s to report, a black-holed one 6 min
+        config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S}
+        if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
+            config["retries"] = {"total_max_attempts": 2, "mode": "standard"}
+        kwargs["config_kwargs"] = config
         return kwargs
     return {}
 
