@@ -338,8 +338,10 @@ def cancel(target: str = typer.Argument(..., help="The job file, or a Slurm job 
                                                  help="slurm | kubernetes (default: the job file's, else slurm)."),
            namespace: str = typer.Option("default", "--namespace", "-n",
                                          help="Kubernetes namespace, when TARGET is a name (a job file names its own).")):
-    """Cancel a submitted job: with the job file, every scheduler job it started (Slurm: by job
-    name; Kubernetes: its workload in its namespace)."""
+    """Cancel a submitted job: every scheduler job of a job file, or one by id or name.
+
+    Slurm: every queued job named after it. Kubernetes: its workload, in its namespace.
+    Running workers checkpoint and stop; a later submit resumes their subjects."""
     if target.lower().endswith((".yaml", ".yml")):
         _, job = _target(target)
         typer.echo(_scheduler(backend or job.cluster.backend).cancel_job(job).rstrip("\n"))
