@@ -70,10 +70,30 @@ PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubsc
 EOF
 }
 
+# A job's slurmstepd outlives the daemons that started it, and the ports above are fixed: a step
+# left by a cluster that is gone reports its end to the next cluster's controller, which takes
+# it for that cluster's job of the same id and ends it. So `down` ends the jobs first, and both
+# `down` and `up` end steps whose cluster has no controller running.
+with_tree() { local p; for p in "$@"; do echo "$p"; with_tree $(pgrep -P "$p" || true); done; }
+stale_steps() {  # slurmstepd processes of this cluster ($1 = this), or of any cluster whose controller is gone
+  local p c
+  for p in $(pgrep -x slurmstepd || true); do
+    c=$({ tr '\0' '\n' < "/proc/$p/environ"; } 2>/dev/null | sed -n 's/^SLURM_CONF=//p')
+    [ -n "$c" ] || continue
+    if [ "$c" = "${1:-}" ] || ! pgrep -f "slurmctld -f $c\$" >/dev/null; then echo "$p"; fi
+  done
+}
+end_stale_steps() {
+  local pids
+  pids=$(with_tree $(stale_steps "${1:-}"))
+  [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
+}
+
 case "$cmd" in
   up)
     command -v slurmctld >/dev/null || { echo "slurm-wlm is not installed (apt-get install slurm-wlm munge)" >&2; exit 1; }
     start_munge
+    end_stale_steps
     write_conf
     export SLURM_CONF="$conf"
     slurmctld -f "$conf"
@@ -89,14 +109,21 @@ case "$cmd" in
     exit 1
     ;;
   down)
+    export SLURM_CONF="$conf"
+    if pgrep -f "slurmctld -f $conf\$" >/dev/null; then  # end the jobs the proper way first (up to 30 s)
+      jobs=$(squeue -h -o %A 2>/dev/null || true)
+      [ -z "$jobs" ] || scancel $jobs 2>/dev/null || true
+      for _ in $(seq 150); do [ -z "$(squeue -h -o %A 2>/dev/null || true)" ] && break; sleep 0.2; done
+    fi
     for pidfile in "$dir"/slurmd-*.pid "$dir"/slurmctld.pid; do
       [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     done
     for _ in $(seq 50); do
-      pgrep -f "slurm(ctld|d) -f $conf" >/dev/null || exit 0
+      pgrep -f "slurm(ctld|d) -f $conf" >/dev/null || break
       sleep 0.1
     done
     pkill -9 -f "slurm(ctld|d) -f $conf" || true
+    end_stale_steps "$conf"
     ;;
   status)
     export SLURM_CONF="$conf"
