@@ -185,7 +185,9 @@ def test_real_run_converts_and_merges(make_job, tiny_model, tmp_path):
     kohya_file = next(p for p in subject.glob("*.safetensors") if p.name != export.DIFFUSERS_WEIGHTS)
     assert run_cli("convert", str(kohya_file), str(tmp_path / "peft"), "--to", "peft",
                    "--model", str(tiny_model)).returncode == 0, "convert failed"
-    assert run_cli("merge", str(tiny_model), str(tmp_path / "peft"), str(tmp_path / "merged")).returncode == 0
+    merged = run_cli("merge", str(tiny_model), str(tmp_path / "peft"), str(tmp_path / "merged"))
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    assert merged.stdout.startswith("merged unet into ") and not merged.stderr.strip(), merged.stderr  # no library noise
     from training.convert import read
 
     ours, theirs = read(subject / "adapter"), read(tmp_path / "peft")
