@@ -43,6 +43,18 @@ def states(tmp_path: Path, name: str = "t") -> dict[str, str]:
     return {p.name: json.loads((p / "status.json").read_text())["state"] for p in root.iterdir()}
 
 
+def wait_until_training(tmp_path: Path, ids: list[str], min_step: int, timeout_s: float = 300) -> None:
+    """Until every subject's heartbeat shows at least `min_step` steps trained."""
+    root = tmp_path / "out" / "t" / "subjects"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        paths = [root / sid / "status.json" for sid in ids]
+        if all(p.exists() and json.loads(p.read_text()).get("step", 0) >= min_step for p in paths):
+            return
+        time.sleep(0.2)
+    pytest.fail(f"{', '.join(ids)} never reached step {min_step}:\n" + logs(tmp_path)[-3000:])
+
+
 def test_two_node_zero2_job_trains_and_keeps_hostile_prompts_as_data(slurm_cluster, tmp_path, tiny_model, subjects_root):
     if os.path.exists("/tmp/pwned-by-prompt"):
         os.remove("/tmp/pwned-by-prompt")
@@ -113,13 +125,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, ti
     job = slurm_job(tmp_path, tiny_model, subjects, train=train, output={"heartbeat_s": 1})
     job_id = submit(job, slurm_cluster, tmp_path)
     status_path = tmp_path / "out" / "t" / "subjects" / "s0" / "status.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if status_path.exists() and json.loads(status_path.read_text()).get("step", 0) >= 10:
-            break
-        time.sleep(0.2)
-    else:
-        pytest.fail("the job never started training:\n" + logs(tmp_path)[-3000:])
+    wait_until_training(tmp_path, ["s0"], 10)
     env = dict(os.environ, **slurm_cluster)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, check=True)
     # Slurm holds a requeued job back until the old run's credential expires (cred_expire: 10 s
@@ -143,15 +149,8 @@ def test_cancel_by_job_file_stops_every_running_array_task_without_requeue(slurm
     job = slurm_job(tmp_path, tiny_model, subjects, train={"steps": 5000, "log_every": 50},
                     output={"heartbeat_s": 1}, cluster={"shards": 2})
     job_id = submit(job, slurm_cluster, tmp_path)
+    wait_until_training(tmp_path, ["s0", "s1"], 5)
     status_root = tmp_path / "out" / "t" / "subjects"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        steps = [json.loads(p.read_text()).get("step", 0) for p in status_root.glob("*/status.json")]
-        if len(steps) == 2 and min(steps) >= 5:
-            break
-        time.sleep(0.5)
-    else:
-        pytest.fail("the array tasks never both started training:\n" + logs(tmp_path)[-3000:])
     proc = run_cli("cancel", str(job), env=slurm_cluster)
     assert proc.returncode == 0 and proc.stdout.strip() == f"cancelled {job_id} (t)", proc.stdout + proc.stderr
     wait_for_job(job_id, slurm_cluster, 120)
