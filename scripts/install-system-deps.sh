@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # System packages the integration tests use: a real Slurm (slurm-wlm, munge), a container
-# engine (podman, runc, debootstrap) and kubectl. Installed only when missing, and only as
-# root; otherwise the tests that need them say what is missing (and fail under CI=true).
+# engine (podman, runc, debootstrap), chromium, and a C compiler (the CPU attention kernel).
+# Installed only when missing, and only as root; otherwise the tests that need them say what
+# is missing (and fail under CI=true).
 set -euo pipefail
 need=()
 command -v slurmctld >/dev/null || need+=(slurm-wlm)
@@ -10,6 +11,7 @@ command -v podman >/dev/null || need+=(podman)
 command -v runc >/dev/null || need+=(runc)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v chromium >/dev/null || need+=(chromium)
+command -v cc >/dev/null || need+=(gcc libc6-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "not root: cannot install ${need[*]}; the integration tests that need them will report it" >&2

@@ -16,7 +16,7 @@ from launcher import ledger, storage
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.errors import UserError
 from launcher.subjects import image_uris
-from training import adapters, export, lease, priors
+from training import adapters, cpu_attention, export, lease, priors
 from training.components import Components, load_components
 from training.env import Preemption, WorkerEnv
 from training.lease import Outcome
@@ -43,6 +43,7 @@ class Worker:
         if self.env.is_main:
             storage.write_text(storage.join(self.job_uri, "job.yaml"), dump_job(job))
         self.c = load_components(job.model, self.device)
+        cpu_attention.install(self.c.unet, "sdpa" if job.train.compile else job.train.attention)
         class_images: dict[str, list[str]] = {}
         if job.prior.enabled:
             store = job.prior.store or storage.join(self.job_uri, "priors")
