@@ -209,7 +209,7 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0, description="Write a metrics line (and a log line off-terminal) every N steps.")
     pack: int | Literal["auto"] = Field(1, description="Subjects trained together in one batch on one frozen base (1: one at a time; 'auto' on GPU picks from free memory).")
     compile: bool = Field(False, description="torch.compile the UNet after a one-time compile (later runs reuse TORCHINDUCTOR_CACHE_DIR). Meant for GPUs; on CPU at the tiny model's shape it measured no faster (benchmarks/RESULTS.md).")
-    attention: Literal["auto", "sdpa"] = Field("auto", description="'auto': on CPU, attention with heads of up to 16 channels runs dreamfleet's fused kernel (built with the system C compiler on first use; SDPA without one), elsewhere PyTorch SDPA. 'sdpa': SDPA everywhere.")
+    attention: Literal["auto", "sdpa"] = Field("auto", description="'auto': on CPU, attention with heads of up to 8 channels runs dreamfleet's fused kernel (built with the system C compiler on first use; SDPA without one), elsewhere PyTorch SDPA. 'sdpa': SDPA everywhere.")
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="Validation images rendered after training.")
 
     @field_validator("pack")

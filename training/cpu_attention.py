@@ -43,7 +43,7 @@ SOURCE = Path(__file__).with_name("kernels") / "attention.c"
 # the whole process. These are the parts of it the kernel needs to vectorize its reductions.
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math", "-ffinite-math-only", "-fPIC", "-shared", "-std=c11"]
-MAX_HEAD_DIM = 16  # the kernel's register arrays; measured faster than SDPA up to here (RESULTS.md)
+MAX_HEAD_DIM = 8  # MAX_D in the kernel: beyond it, measured slower than SDPA (RESULTS.md)
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None
