@@ -25,10 +25,12 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,7 +49,7 @@ MAX_HEAD_DIM = 8  # MAX_D in the kernel: beyond it, measured slower than SDPA (R
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None
-_pool: ThreadPoolExecutor | None = None
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
 
 
 def cache_dir() -> Path:
@@ -71,10 +73,12 @@ def build(directory: Path | None = None) -> Path:
 
     Raises FileNotFoundError (no compiler), another OSError (no writable cache) or RuntimeError
     (the build failed)."""
-    compiler = shutil.which(os.environ.get("CC") or "cc")
-    if compiler is None:
+    command = shlex.split(os.environ.get("CC") or "cc")  # CC may carry a wrapper: "ccache gcc"
+    found = shutil.which(command[0]) if command else None
+    if found is None:
         raise FileNotFoundError(f"no C compiler ({os.environ.get('CC') or 'cc'} is not on PATH)")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
+    command[0] = found
+    version = subprocess.run([*command, "--version"], capture_output=True, text=True, timeout=60).stdout
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode(),
                                      _cpu_identity().encode()])).hexdigest()[:16]
@@ -93,11 +97,13 @@ def build(directory: Path | None = None) -> Path:
     fd, partial = tempfile.mkstemp(prefix=".attention-", suffix=".so", dir=directory)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
+        started = time.monotonic()
+        done = subprocess.run([*command, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{' '.join(command)} failed on {SOURCE.name}: {done.stderr.strip()[-2000:]}")
         os.replace(partial, target)  # atomic: concurrent workers each build, one file stays
+        log.info("built the CPU attention kernel in %.1f s: %s", time.monotonic() - started, target)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
@@ -124,9 +130,10 @@ def library() -> ctypes.CDLL | None:
 def _parallel(calls: list) -> None:
     """Run the zero-argument kernel calls on the thread pool (the first on this thread)."""
     global _pool
-    if len(calls) > 1 and (_pool is None or _pool._max_workers < len(calls) - 1):
-        _pool = ThreadPoolExecutor(max_workers=len(calls) - 1, thread_name_prefix="df-attention")
-    futures = [_pool.submit(call) for call in calls[1:]]
+    helpers = len(calls) - 1
+    if helpers and (_pool is None or _pool[0] != os.getpid() or _pool[1] < helpers):
+        _pool = (os.getpid(), helpers, ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="df-attention"))
+    futures = [_pool[2].submit(call) for call in calls[1:]]
     codes = [calls[0]()] + [f.result() for f in futures]
     if any(codes):
         raise RuntimeError(f"CPU attention kernel returned {codes}")
