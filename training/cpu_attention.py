@@ -15,7 +15,8 @@ nodes of different kinds sharing a home directory each build their own. Without 
 if the build fails, attention stays on SDPA and one log line says why; training never depends
 on the kernel. It applies to fp32 tensors on the CPU without an attention mask and with a head
 size of at most `MAX_HEAD_DIM`; anything else (GPUs, half precision, torch.compile) runs SDPA.
-Work is split over `torch.get_num_threads()` threads (ctypes releases the GIL).
+Work is split over OpenMP threads: the kernel is built with -fopenmp and, loaded into a process
+where torch already loaded its libgomp, shares torch's thread pool and `torch.set_num_threads`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -43,13 +43,12 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("kernels") / "attention.c"
 # No -ffast-math: on a shared library GCC may link crtfastmath.o, which sets flush-to-zero for
 # the whole process. These are the parts of it the kernel needs to vectorize its reductions.
-FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-fno-signed-zeros",
          "-fassociative-math", "-ffinite-math-only", "-fPIC", "-shared", "-std=c11"]
 MAX_HEAD_DIM = 8  # MAX_D in the kernel: beyond it, measured slower than SDPA (RESULTS.md)
 
 _lock = threading.Lock()
 _state: dict = {}  # "lib": the loaded library or None, "why": the reason it is None
-_pool: tuple[int, int, ThreadPoolExecutor] | None = None  # (pid, threads, pool): a forked child makes its own
 
 
 def cache_dir() -> Path:
@@ -117,31 +116,14 @@ def library() -> ctypes.CDLL | None:
             try:
                 lib = ctypes.CDLL(str(build()))
                 i64, f32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-                lib.df_attention_forward.argtypes = [ptr] * 5 + [i64] * 4 + [f32] + [i64] * 2
-                lib.df_attention_backward.argtypes = [ptr] * 9 + [i64] * 4 + [f32] + [i64] * 4
+                lib.df_attention_forward.argtypes = [ptr] * 5 + [i64] * 5 + [f32]
+                lib.df_attention_backward.argtypes = [ptr] * 9 + [i64] * 5 + [f32]
                 _state.update(lib=lib, why=None)
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 _state.update(lib=None, why=str(exc))
                 report = log.info if isinstance(exc, FileNotFoundError) else log.warning
                 report("CPU attention kernel unavailable, attention runs PyTorch SDPA: %s", exc)
         return _state["lib"]
-
-
-def _parallel(calls: list) -> None:
-    """Run the zero-argument kernel calls on the thread pool (the first on this thread)."""
-    global _pool
-    helpers = len(calls) - 1
-    if helpers and (_pool is None or _pool[0] != os.getpid() or _pool[1] < helpers):
-        _pool = (os.getpid(), helpers, ThreadPoolExecutor(max_workers=helpers, thread_name_prefix="df-attention"))
-    futures = [_pool[2].submit(call) for call in calls[1:]]
-    codes = [calls[0]()] + [f.result() for f in futures]
-    if any(codes):
-        raise RuntimeError(f"CPU attention kernel returned {codes}")
-
-
-def _ranges(total: int, parts: int) -> list[tuple[int, int]]:
-    bounds = [total * p // parts for p in range(parts + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 def _p(t: torch.Tensor) -> ctypes.c_void_p:
@@ -153,7 +135,6 @@ class _KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, heads: int, scale: float):
-        lib = _state["lib"]
         (B, N, C), M = q.shape, k.shape[1]
         D = C // heads
         q = q.contiguous()
@@ -161,11 +142,7 @@ class _KernelAttention(torch.autograd.Function):
         vt = v.view(B, M, heads, D).permute(0, 2, 3, 1).contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(B, heads, N, dtype=q.dtype)
-        threads = max(1, min(torch.get_num_threads(), B * heads * N))
-        _parallel([
-            lambda a=a, b=b: lib.df_attention_forward(_p(q), _p(kt), _p(vt), _p(o), _p(lse), heads, N, M, D,
-                                                      scale, a, b)
-            for a, b in _ranges(B * heads * N, threads)])
+        _check(_state["lib"].df_attention_forward(_p(q), _p(kt), _p(vt), _p(o), _p(lse), B, heads, N, M, D, scale))
         ctx.save_for_backward(q, kt, vt, o, lse)
         ctx.scale = scale
         return o
@@ -173,30 +150,20 @@ class _KernelAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        lib = _state["lib"]
         q, kt, vt, o, lse = ctx.saved_tensors
-        scale = ctx.scale
         B, H, D, M = kt.shape
-        N = q.shape[1]
         grad = grad.contiguous()
-        dq = torch.empty_like(q)
-        threads = max(1, torch.get_num_threads())
-        if B * H >= threads:  # each thread owns whole heads: their dK, dV need no reduction
-            dkt, dvt = torch.zeros_like(kt), torch.zeros_like(vt)
-            calls = [lambda a=a, b=b: lib.df_attention_backward(
-                _p(q), _p(kt), _p(vt), _p(o), _p(lse), _p(grad), _p(dq), _p(dkt), _p(dvt),
-                H, N, M, D, scale, a, b, 0, N) for a, b in _ranges(B * H, threads)]
-            _parallel(calls)
-        else:  # few heads: split the queries, each range summing into its own dK, dV
-            parts = _ranges(N, min(threads, N))
-            dkt, dvt = kt.new_zeros(len(parts), *kt.shape), vt.new_zeros(len(parts), *vt.shape)
-            _parallel([lambda i=i, a=a, b=b: lib.df_attention_backward(
-                _p(q), _p(kt), _p(vt), _p(o), _p(lse), _p(grad), _p(dq), _p(dkt[i]), _p(dvt[i]),
-                H, N, M, D, scale, 0, B * H, a, b) for i, (a, b) in enumerate(parts)])
-            dkt, dvt = dkt.sum(0), dvt.sum(0)
+        dq, dkt, dvt = torch.empty_like(q), torch.empty_like(kt), torch.empty_like(vt)
+        _check(_state["lib"].df_attention_backward(_p(q), _p(kt), _p(vt), _p(o), _p(lse), _p(grad), _p(dq), _p(dkt),
+                                                   _p(dvt), B, H, q.shape[1], M, D, ctx.scale))
         dk = dkt.permute(0, 3, 1, 2).reshape(B, M, H * D)
         dv = dvt.permute(0, 3, 1, 2).reshape(B, M, H * D)
         return dq, dk, dv, None, None
+
+
+def _check(code: int) -> None:
+    if code:
+        raise RuntimeError(f"CPU attention kernel failed ({'out of memory' if code == 2 else f'error {code}'})")
 
 
 def kernel_applies(q: torch.Tensor, k: torch.Tensor, heads: int) -> bool:

@@ -9,14 +9,22 @@
  *   q, o, dout, dq   [B][N][H][D]   (a Linear's output viewed as heads, no transpose)
  *   kt, vt, dkt, dvt [B][H][D][M]   (keys and values transposed: one row per channel)
  *   lse              [B][H][N]      (log-sum-exp of each query row's scaled scores)
- * The backward recomputes the probabilities from lse. Callers split the work across threads by
- * rows (forward) and by (batch, head) pairs and query ranges (backward); dkt/dvt accumulate.
+ * The backward recomputes the probabilities from lse. Work is split over OpenMP threads; built
+ * with -fopenmp and loaded into a process that runs torch, the kernel uses torch's libgomp (same
+ * soname, already loaded) and so its thread pool and its torch.set_num_threads setting.
  */
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h> /* resolved to the OpenMP runtime torch already loaded: one thread pool */
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_max_threads(void) { return 1; }
+#endif
 
 #define INLINE static inline __attribute__((always_inline))
 #define MAX_D 8 /* wider heads spill the per-channel registers: slower than PyTorch's kernel */
@@ -110,31 +118,86 @@ INLINE void backward_rows(const float *q, const float *kt, const float *vt, cons
     }
 }
 
-/* The head size is a compile-time constant in the common cases, so the channel loops unroll
- * into registers and the key loop is the only one left to vectorize. */
-#define DISPATCH(D, CALL)                        \
-    switch (D) {                                 \
-    case 4: { const int64_t d_ = 4; CALL; break; }   \
-    case 8: { const int64_t d_ = 8; CALL; break; }   \
-    default: { const int64_t d_ = D; CALL; break; }  \
+/* The head size is a compile-time constant (one instance per size), so the channel loops unroll
+ * into registers and the key loop is the only one left to vectorize: with a size known only at
+ * run time GCC vectorizes nothing and the kernel is several times slower than PyTorch's. */
+#define CASE(n, CALL) case n: { const int64_t d_ = n; CALL; break; }
+#define DISPATCH(D, CALL)                                                              \
+    switch (D) {                                                                       \
+    CASE(1, CALL) CASE(2, CALL) CASE(3, CALL) CASE(4, CALL)                            \
+    CASE(5, CALL) CASE(6, CALL) CASE(7, CALL) CASE(8, CALL)                            \
     }
 
-int df_attention_forward(const float *q, const float *kt, const float *vt, float *o, float *lse,
-                         int64_t H, int64_t N, int64_t M, int64_t D, float scale,
-                         int64_t row0, int64_t row1) {
-    if (D < 1 || D > MAX_D) return 1;
-    float *s = malloc(sizeof(float) * (size_t)M);
-    if (!s) return 2;
-    DISPATCH(D, forward_rows(q, kt, vt, o, lse, H, N, M, d_, scale, row0, row1, s));
-    free(s);
-    return 0;
+static void split(int64_t total, int64_t *begin, int64_t *end) {
+    int64_t part = omp_get_thread_num(), parts = omp_get_num_threads();
+    *begin = total * part / parts;
+    *end = total * (part + 1) / parts;
 }
 
+/* Rows of (batch, head, query) are split over the threads. Returns 0, or 1 for an unsupported
+ * head size, 2 when out of memory. */
+int df_attention_forward(const float *q, const float *kt, const float *vt, float *o, float *lse,
+                         int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, float scale) {
+    if (D < 1 || D > MAX_D) return 1;
+    int failed = 0;
+#pragma omp parallel
+    {
+        float *s = malloc(sizeof(float) * (size_t)M);
+        int64_t row0, row1;
+        split(B * H * N, &row0, &row1);
+        if (s) {
+            DISPATCH(D, forward_rows(q, kt, vt, o, lse, H, N, M, d_, scale, row0, row1, s));
+        } else {
+#pragma omp atomic write
+            failed = 1;
+        }
+        free(s);
+    }
+    return failed ? 2 : 0;
+}
+
+/* With at least as many (batch, head) pairs as threads, each thread owns whole heads and writes
+ * their dK, dV alone. With fewer, the queries are split and each thread sums into its own dK, dV,
+ * added up at the end. */
 int df_attention_backward(const float *q, const float *kt, const float *vt, const float *o,
                           const float *lse, const float *dout, float *dq, float *dkt, float *dvt,
-                          int64_t H, int64_t N, int64_t M, int64_t D, float scale,
-                          int64_t bh0, int64_t bh1, int64_t i0, int64_t i1) {
+                          int64_t B, int64_t H, int64_t N, int64_t M, int64_t D, float scale) {
     if (D < 1 || D > MAX_D) return 1;
-    DISPATCH(D, backward_rows(q, kt, vt, o, lse, dout, dq, dkt, dvt, H, N, M, d_, scale, bh0, bh1, i0, i1));
+    int64_t pairs = B * H, size = pairs * D * M;
+    int threads = omp_get_max_threads();
+    if (pairs >= threads) {
+#pragma omp parallel
+        {
+            int64_t bh0, bh1;
+            split(pairs, &bh0, &bh1);
+            memset(dkt + bh0 * D * M, 0, sizeof(float) * (size_t)((bh1 - bh0) * D * M));
+            memset(dvt + bh0 * D * M, 0, sizeof(float) * (size_t)((bh1 - bh0) * D * M));
+            DISPATCH(D, backward_rows(q, kt, vt, o, lse, dout, dq, dkt, dvt, H, N, M, d_, scale, bh0, bh1, 0, N));
+        }
+        return 0;
+    }
+    float *partial = calloc((size_t)threads * 2 * (size_t)size, sizeof(float));
+    if (!partial) return 2;
+    int team = 1;
+#pragma omp parallel
+    {
+        int64_t i0, i1, t = omp_get_thread_num();
+#pragma omp single
+        team = omp_get_num_threads();
+        split(N, &i0, &i1);
+        float *dk = partial + 2 * t * size, *dv = dk + size;
+        DISPATCH(D, backward_rows(q, kt, vt, o, lse, dout, dq, dk, dv, H, N, M, d_, scale, 0, pairs, i0, i1));
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t e = 0; e < size; e++) {
+        float dk = 0.0f, dv = 0.0f;
+        for (int t = 0; t < team; t++) {
+            dk += partial[2 * t * size + e];
+            dv += partial[(2 * t + 1) * size + e];
+        }
+        dkt[e] = dk;
+        dvt[e] = dv;
+    }
+    free(partial);
     return 0;
 }
