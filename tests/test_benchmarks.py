@@ -1,4 +1,4 @@
-"""The GPU benchmarks' code paths, run on the CPU at the tiny model's size.
+"""The benchmarks' code paths, the GPU ones run on the CPU at the tiny model's size.
 
 No GPU is lent to most sessions, and one that is has little device time: a bug in a benchmark
 script found there costs the measurement. These runs take the scripts' GPU code (the same
@@ -11,7 +11,7 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO, worker_env
+from conftest import REPO, require_binary, worker_env
 
 
 def _json_lines(stdout: str) -> list[dict]:
@@ -41,3 +41,15 @@ def test_zero2_benchmark_runs_both_configurations():
     assert [r["config"] for r in rows] == ["fp32 + torch AdamW, no ZeRO",
                                            "fp32 + AdamW8bit + ZeRO-2 (DeepSpeed via accelerate)"], rows
     assert all(r["step_s"] > 0 and r["shape"] == "tiny" for r in rows), rows
+
+
+def test_cpu_attention_benchmark_times_the_kernel_against_sdpa():
+    require_binary("cc")  # the kernel is built with it
+    proc = subprocess.run([sys.executable, "benchmarks/cpu_attention.py", "--quick", "--reps", "1", "--threads", "1"],
+                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, *rows = _json_lines(proc.stdout)
+    assert header["threads"] == 1 and header["torch"]
+    assert [(r["batch"], r["heads"], r["head_dim"]) for r in rows] == [(1, 8, 4)], rows
+    assert rows[0]["kernel_ms"] > 0 and rows[0]["sdpa_ms"] > 0
+    assert "| 1, 8, 4, 64, 64 | smoke |" in proc.stdout
