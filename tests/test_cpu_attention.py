@@ -3,6 +3,7 @@ tiny UNet, and what happens without a compiler, with a broken one and with concu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -166,3 +167,27 @@ def test_kernel_shares_torchs_openmp_runtime(kernel):
     with open("/proc/self/maps") as f:
         runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libiomp" in line}
     assert len(runtimes) == 1, runtimes
+
+
+@pytest.mark.slow
+def test_worker_trains_the_same_adapter_with_the_kernel_as_with_sdpa(kernel, make_job, tmp_path):
+    """train.attention: auto (the kernel on CPU) against sdpa through the real worker: same losses,
+    same adapter to fp32 rounding, and the log says which attention ran."""
+    from safetensors.torch import load_file
+
+    from conftest import run_worker
+
+    runs = {}
+    for mode in ("auto", "sdpa"):
+        job = make_job(name=f"attn-{mode}", train={"steps": 4, "attention": mode, "optimizer": "adamw",
+                                                   "eps": 1e-3, "samples": {"enabled": False}})
+        proc = run_worker(job)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("the CPU small-head kernel on 8 of 8 attention blocks" in proc.stderr) == (mode == "auto")
+        subject = tmp_path / "out" / f"attn-{mode}" / "subjects" / "s0"
+        losses = [json.loads(line)["loss"] for line in (subject / "metrics.jsonl").read_text().splitlines()]
+        runs[mode] = losses, load_file(subject / "adapter" / "unet" / "adapter_model.safetensors")
+    (losses_k, adapter_k), (losses_s, adapter_s) = runs["auto"], runs["sdpa"]
+    assert losses_k == pytest.approx(losses_s, abs=1e-5)
+    assert adapter_k.keys() == adapter_s.keys()
+    assert max((adapter_k[k] - adapter_s[k]).abs().max().item() for k in adapter_k) < 1e-4

@@ -5,7 +5,7 @@ head size of 4 or 8 (the tiny test model: 8 heads on 32 or 64 channels, over 1,0
 tokens) those GEMMs do almost no arithmetic per byte, and attention is three quarters of a
 training step. `kernels/attention.c` computes the same softmax attention in one pass over the
 keys per query row, scores, exponentials and value products in registers, and a backward that
-recomputes the probabilities from the saved log-sum-exp: about 4x faster than SDPA for the
+recomputes the probabilities from the saved log-sum-exp: about 5x faster than SDPA for the
 forward and backward together at that shape (benchmarks/RESULTS.md).
 
 The kernel is compiled with the system C compiler (`$CC`, else `cc`) on first use, for this
@@ -138,8 +138,8 @@ class _KernelAttention(torch.autograd.Function):
         (B, N, C), M = q.shape, k.shape[1]
         D = C // heads
         q = q.contiguous()
-        kt = k.view(B, M, heads, D).permute(0, 2, 3, 1).contiguous()  # [B, H, D, M]
-        vt = v.view(B, M, heads, D).permute(0, 2, 3, 1).contiguous()
+        kt = k.reshape(B, M, heads, D).permute(0, 2, 3, 1).contiguous()  # [B, H, D, M]
+        vt = v.reshape(B, M, heads, D).permute(0, 2, 3, 1).contiguous()
         o = torch.empty_like(q)
         lse = torch.empty(B, heads, N, dtype=q.dtype)
         _check(_state["lib"].df_attention_forward(_p(q), _p(kt), _p(vt), _p(o), _p(lse), B, heads, N, M, D, scale))
@@ -178,7 +178,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, sca
     if use_kernel and kernel_applies(q, k, heads):
         return _KernelAttention.apply(q, k, v, heads, scale)
     B, N, C = q.shape
-    split = lambda t: t.view(B, -1, heads, C // heads).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.reshape(B, -1, heads, C // heads).transpose(1, 2)  # noqa: E731
     out = F.scaled_dot_product_attention(split(q), split(k), split(v), scale=scale)
     return out.transpose(1, 2).reshape(B, N, C)
 
@@ -188,9 +188,6 @@ class SmallHeadAttnProcessor:
     attention, output projection and dropout), with the small-head CPU kernel where it applies.
     `install` sets it only on blocks with nothing more (no norms, residual or rescaling inside)."""
 
-    def __init__(self, use_kernel: bool = True):
-        self.use_kernel = use_kernel
-
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
                  *args, **kwargs):
         if attention_mask is not None:  # SD's UNet passes none; anything else keeps diffusers' handling
@@ -198,8 +195,7 @@ class SmallHeadAttnProcessor:
 
             return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
-        out = attention(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads,
-                        attn.scale, self.use_kernel)
+        out = attention(attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context), attn.heads, attn.scale)
         return attn.to_out[1](attn.to_out[0](out))
 
 
