@@ -231,13 +231,15 @@ def _assert_adapter_equals_the_shards(folder, tmp_path):
 
 
 def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2, on_preempted=None):
-    """Start a 2-process run, send SIGUSR1 to one worker once the heartbeat shows `min_step`
-    (the other learns it in the step's all-reduce), check the checkpoint, then run it again
-    (after `on_preempted(checkpoint_name)`, if given)."""
+    """Start a 2-process run, send SIGUSR1 to one worker as soon as its progress line shows
+    `min_step` (the other learns it in the step's all-reduce), check the checkpoint, then run it
+    again (after `on_preempted(checkpoint_name)`, if given). The progress line, not the heartbeat:
+    a heartbeat is a second apart, in which a fast machine trains the whole run."""
+    import re
     import signal
     import subprocess
     import sys
-    import time
+    import threading
 
     import psutil
 
@@ -247,18 +249,26 @@ def _preempt_then_resume(job, tmp_path, name: str, min_step: int = 2, on_preempt
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "training.worker", "--job", str(job)]
     agent = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and agent.poll() is None:
-        status_path = subject / "status.json"
-        if status_path.exists():
-            status = json.loads(status_path.read_text())
-            if status["state"] == "running" and status.get("step", 0) >= min_step:
-                break
-        time.sleep(0.1)
+    lines: list[str] = []
+    reached = threading.Event()
+
+    def read() -> None:
+        for line in agent.stderr:
+            lines.append(line)
+            step = re.search(r" step (\d+)/\d+ ", line)
+            if step and int(step.group(1)) >= min_step:
+                reached.set()
+        reached.set()  # the run ended: nothing more to wait for
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert reached.wait(240) and agent.poll() is None, "the run ended before it could be preempted:\n" + "".join(lines)[-4000:]
     workers = psutil.Process(agent.pid).children()
     assert workers, "torchrun has no workers"
     workers[0].send_signal(signal.SIGUSR1)
-    _, stderr = agent.communicate(timeout=300)
+    agent.wait(timeout=300)
+    reader.join(timeout=60)
+    stderr = "".join(lines)
     (tmp_path / "preempted.log").write_text(stderr)
     status = json.loads((subject / "status.json").read_text())
     assert status["state"] == "pending" and 0 < status["step"], (status, stderr[-4000:])
