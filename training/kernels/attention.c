@@ -29,7 +29,8 @@ static int omp_get_max_threads(void) { return 1; }
 #define INLINE static inline __attribute__((always_inline))
 #define MAX_D 8 /* wider heads spill the per-channel registers: slower than PyTorch's kernel */
 
-/* exp(x) for x <= 0: 2^n * e^r with |r| <= ln2/2, e^r by a degree-7 polynomial (relative error ~2e-7). */
+/* exp(x) for x <= 0: 2^n * e^r with |r| <= ln2/2, e^r by a degree-7 polynomial (relative
+ * error ~2e-7). */
 INLINE float exp_nonpos(float x) {
     x = x < -87.0f ? -87.0f : x;
     float n = __builtin_rintf(x * 1.44269504088896341f);
