@@ -54,7 +54,7 @@ def values_and_grads(fn, q, k, v, grad):
     (2, 8, 8, 256, 256, 2),    # its mid block
     (2, 8, 4, 64, 77, 2),      # cross-attention over CLIP's 77 tokens (not a multiple of the vector width)
     (1, 1, 8, 100, 33, 2),     # one head: the backward splits the queries and sums dK, dV
-    (3, 2, 3, 50, 20, 1),      # a head size with no unrolled variant, one thread
+    (3, 2, 3, 50, 20, 1),      # an odd head size, one thread
 ])
 def test_kernel_matches_sdpa_values_and_gradients(kernel, batch, heads, head_dim, queries, keys, threads):
     torch.manual_seed(0)

@@ -111,6 +111,8 @@ def build(directory: Path | None = None) -> Path:
 
 def library() -> ctypes.CDLL | None:
     """The kernel, built and loaded once per process; None (with the reason logged once) if unavailable."""
+    if "lib" in _state:  # every attention call asks: no lock once settled
+        return _state["lib"]
     with _lock:
         if "lib" not in _state:
             try:
