@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -139,6 +140,39 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, ti
     a = load_file(tmp_path / "straight" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
     b = load_file(tmp_path / "out" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def _processes() -> list[tuple[int, list[str]]]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                found.append((int(entry.name), (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_workers_exit_75_alone_requeues_the_job(slurm_cluster, tmp_path, tiny_model, subjects_root):
+    """No USR1, no scancel: the worker itself stops with 75 (here SIGTERM straight to the worker
+    process, as a node agent or an operator might send). The code must pass through torchrun and
+    srun to the batch script, which requeues; the job then finishes from its checkpoint."""
+    job = slurm_job(tmp_path, tiny_model, [subject_entry(subjects_root, 0)], train={"steps": 300, "log_every": 50},
+                    output={"heartbeat_s": 1})
+    job_id = submit(job, slurm_cluster, tmp_path)
+    wait_until_training(tmp_path, ["s0"], 10)
+    # the workers alone: not srun or the agent, whose command lines also name training.worker
+    workers = [pid for pid, argv in _processes() if "training.worker" in argv and "training.agent" not in argv
+               and argv[0] != "srun" and str(tmp_path / "rendered" / "job.yaml") in argv]
+    assert workers, "no worker process found"
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    wait_for_job(job_id, slurm_cluster, 600)
+    text = logs(tmp_path)
+    status = json.loads((tmp_path / "out" / "t" / "subjects" / "s0" / "status.json").read_text())
+    assert status["state"] == "done" and status["attempts"] == 2, text[-4000:]
+    assert "requeueing job" in text and "resuming from step-" in text, text[-4000:]
+    assert "asking workers to checkpoint" not in text  # the batch shell never got a signal
 
 
 def test_cancel_by_job_file_stops_every_running_array_task_without_requeue(slurm_cluster, tmp_path, tiny_model,

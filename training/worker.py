@@ -76,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
 
         job = load_job(args.job)
         from launcher.errors import ConfigError
-        from launcher.validate import unsupported
+        from launcher.validate import check_model, unsupported
 
-        if problems := unsupported(job):  # the launcher says so first; a hand-made job file meets it here
+        # the launcher says so first; a hand-made job file, or a pod whose model went missing, meets it here
+        if problems := unsupported(job) + check_model(job.model.source):
             raise ConfigError(f"{args.job} cannot run", problems)
         plan = _load_plan(args.plan, args.job)
         if plan is not None and env.rank == 0 and env.shard_index == 0:

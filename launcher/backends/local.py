@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +62,36 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
     run_shards = shards_with_work(shard_plan, subjects, settled) if settled else range(num_shards)
     for shard in run_shards:
         env["DREAMFLEET_SHARD_INDEX"] = str(shard)
-        codes.append(subprocess.run(cmd, env=env).returncode)
+        code, stopped = run_forwarding_signals(cmd, env)
+        codes.append(code)
+        if stopped:  # asked to stop: the later shards are not started
+            break
     worst = max(codes, default=0)
     return f"exit {worst}"
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict[str, str]) -> tuple[int, bool]:
+    """Run the agent in a session of its own and pass it every SIGTERM/SIGINT/SIGHUP this process
+    gets (the agent asks its workers to checkpoint), then wait for it: (its exit code, whether a
+    signal came). In its own session, a terminal's Ctrl-C reaches the agent once, through here,
+    not twice; and a launcher killed by a scheduler or a user no longer leaves it running."""
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    got: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        got.append(signum)
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        code = proc.wait()  # a signal handled meanwhile does not interrupt the wait (PEP 475)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return (128 - code if code < 0 else code), bool(got)
