@@ -28,7 +28,6 @@ YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 SUBJECT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole string (fullmatch)
 JOB_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CREDENTIAL_NAME_RE = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY", re.I)
 SLURM_TIME_RE = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|INFINITE",
                            re.I)
 DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
@@ -374,10 +373,6 @@ class ClusterConfig(Section):
             if not ENV_NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name (letters, digits and '_', "
                                  "not starting with a digit)")
-            if CREDENTIAL_NAME_RE.search(name):
-                raise ValueError(f"{name} looks like a credential, which a job file never holds: give it to the "
-                                 "workers through the node's environment (Slurm passes it on) or "
-                                 "cluster.kubernetes.credentials_secret")
         return value
 
 
@@ -558,12 +553,22 @@ def _format_errors(exc: ValidationError, root: type[BaseModel] | None = None) ->
 
 
 def job_from_dict(data: Any, source: str = "job file") -> JobConfig:
+    """Validate a job's raw dict; every string is first checked for credentials (launcher.secrets),
+    and those problems are reported with the schema's, the schema's own about the same key left out."""
+    from launcher.secrets import find_credentials
+
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (name, model, subjects, ...)")
+    credentials = find_credentials(data)
     try:
-        return JobConfig.model_validate(data)
+        job = JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source} is invalid", _format_errors(exc)) from None
+        named = {c.split(": ", 1)[0] for c in credentials}
+        rest = [p for p in _format_errors(exc) if p.split(": ", 1)[0] not in named]
+        raise ConfigError(f"{source} is invalid", credentials + rest) from None
+    if credentials:
+        raise ConfigError(f"{source} is invalid", credentials)
+    return job
 
 
 def read_file_text(path: Path) -> str:
