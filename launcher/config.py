@@ -177,7 +177,7 @@ UNetAdapter = Annotated[Union[LoraAdapter, LohaAdapter, LokrAdapter], Field(disc
 
 
 class SamplesConfig(Section):
-    prompts: list[str] = Field(default_factory=lambda: ["a photo of {instance} in a garden"], description="Validation prompts rendered at the end; '{instance}' is replaced by the subject's instance prompt.")
+    prompts: list[str] = Field(default_factory=lambda: ["{instance} in a garden"], description="Validation prompts rendered at the end; '{instance}' is replaced by the subject's instance prompt.")
     num_inference_steps: int = Field(20, gt=0, description="Sampler steps per validation image.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale for validation images.")
     enabled: bool = Field(True, description="Render validation images into samples/ after training.")

@@ -327,3 +327,9 @@ def test_references_to_credentials_and_long_ids_are_not_credentials(tmp_path):
         "subjects": [{"id": "c0ffee0123456789abcdef0123456789", "images": "s3://bucket/u/c0ffee0123456789abcdef/",
                       "instance_prompt": "a photo of sks dog, password-style collar, token of love"}]})))
     assert job.cluster.kubernetes.credentials_secret == "bucket-credentials"
+
+
+def test_default_sample_prompt_reads_right_with_an_instance_prompt(tmp_path):
+    job = load_job(write(tmp_path, MINIMAL))
+    filled = [p.replace("{instance}", job.subjects[0].instance_prompt) for p in job.train.samples.prompts]
+    assert filled == ["a photo of sks dog in a garden"]
