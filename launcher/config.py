@@ -25,6 +25,34 @@ from launcher.errors import ConfigError
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
+
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping: YAML would silently keep the last."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(f"key {key!r} appears twice in one mapping, at lines {first_line} and {second_line}")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class JobLoader(YAML_LOADER):
+    """The safe loader (libyaml's where present), refusing duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the constructor itself reports it
+        return super().construct_mapping(node, deep=deep)
+
 SUBJECT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole string (fullmatch)
 JOB_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -588,9 +616,17 @@ def read_job_dict(path: str | Path) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
         raise ConfigError(f"job file {path} cannot be read: {exc or type(exc).__name__}") from None
     try:
-        data = yaml.load(text, Loader=YAML_LOADER)
+        data = yaml.load(text, Loader=JobLoader)
+    except DuplicateKey as exc:
+        raise ConfigError(f"job file {path}:{exc.second_line}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        # libyaml says "found character that cannot start any token": name the tab instead
+        tabbed = [i for i, line in enumerate(text.splitlines(), 1) if "\t" in line[: len(line) - len(line.lstrip())]]
+        if tabbed:
+            at = (mark.line + 1) if mark and mark.line + 1 in tabbed else tabbed[0]
+            raise ConfigError(f"job file {path}:{at}: indented with a tab; YAML indents with spaces only "
+                              "(replace the tabs with spaces)") from None
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"job file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:

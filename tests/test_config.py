@@ -333,3 +333,21 @@ def test_default_sample_prompt_reads_right_with_an_instance_prompt(tmp_path):
     job = load_job(write(tmp_path, MINIMAL))
     filled = [p.replace("{instance}", job.subjects[0].instance_prompt) for p in job.train.samples.prompts]
     assert filled == ["a photo of sks dog in a garden"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: job\nmodel:\n  source: /m\ntrain:\n  steps: 10\n  steps: 20\n", ":6: key 'steps' appears twice in one mapping, at lines 5 and 6"),
+    ("name: job\nmodel: {source: /m, source: /n}\n", ":2: key 'source' appears twice in one mapping, at lines 2 and 2"),
+    ("name: job\nname: other\nmodel: {source: /m}\n", ":2: key 'name' appears twice in one mapping, at lines 1 and 2"),
+])
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_job(path)
+    assert str(err.value) == f"job file {path}{message}"
+
+
+def test_a_tab_indented_file_is_named_as_such_with_its_line(tmp_path):
+    path = write(tmp_path, "name: job\nmodel:\n  source: /m\ntrain:\n\tsteps: 10\n")
+    with pytest.raises(ConfigError, match=rf"^job file {path}:5: indented with a tab; YAML indents with spaces only"):
+        load_job(path)
