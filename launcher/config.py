@@ -61,6 +61,13 @@ SLURM_TIME_RE = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d
 DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 QUANTITY_RE = re.compile(r"\d+(\.\d+)?([mkMGTPE]|[KMGTPE]i)?")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+IMAGE_FILE_RE = re.compile(r"/[A-Za-z0-9._/+-]+\.(sif|sqsh|squashfs)")
+# A container image reference as the OCI distribution spec writes it:
+# [registry[:port]/]path[:tag][@algorithm:hex], path components lower case
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"
+IMAGE_REF_RE = re.compile(rf"(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+                          r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[+._-][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?")
 
 
 def matching(pattern: re.Pattern, what: str):
@@ -71,6 +78,25 @@ def matching(pattern: re.Pattern, what: str):
         return value
 
     return check
+
+
+def image_reference(value: str) -> str:
+    """A container image reference as runtimes and the Kubernetes API take it; on Slurm also the
+    forms apptainer and pyxis read: docker://<reference>, registry#<reference>, or an image file
+    (.sif, .sqsh) by absolute path."""
+    ref = value.removeprefix("docker://")
+    if "#" in ref:  # enroot/pyxis: registry#name[:tag]
+        registry, _, ref = ref.partition("#")
+        ref = f"{registry}/{ref}"
+    match = IMAGE_REF_RE.fullmatch(ref)
+    if match and len((match["domain"] or "") + match["path"]) < 256:
+        return value
+    if IMAGE_FILE_RE.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is not a container image reference: [registry[:port]/]name[:tag][@digest] with a "
+                     "lower-case name (letters and digits, '.', '_' or '-' between them, '/' between parts), e.g. "
+                     "registry.example.com:5000/team/dreamfleet:1.2 or dreamfleet@sha256:<hex>; on Slurm also "
+                     "docker://<reference>, registry#<reference> or the absolute path of a .sif/.sqsh image")
 
 
 def one_line(value: str) -> str:
@@ -388,7 +414,7 @@ class KubernetesConfig(Section):
 
 class ClusterConfig(Section):
     backend: Literal["local", "slurm", "kubernetes"] = Field("local", description="Default backend for submit/render when --backend is not given.")
-    image: str = Field("dreamfleet:latest", description="Worker container image.")
+    image: Annotated[str, AfterValidator(image_reference)] = Field("dreamfleet:latest", description="Worker container image: [registry[:port]/]name[:tag][@digest].")
     shards: int | None = Field(None, gt=0, description="Subject shards (array tasks / job indexes) for fleets; default: one per node group.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra non-secret environment for workers (never put credentials here).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm settings.")

@@ -351,3 +351,20 @@ def test_a_tab_indented_file_is_named_as_such_with_its_line(tmp_path):
     path = write(tmp_path, "name: job\nmodel:\n  source: /m\ntrain:\n\tsteps: 10\n")
     with pytest.raises(ConfigError, match=rf"^job file {path}:5: indented with a tab; YAML indents with spaces only"):
         load_job(path)
+
+
+@pytest.mark.parametrize("image", ["dreamfleet:latest", "registry.example.com:5000/team/dreamfleet:1.2",
+                                   "localhost/debian-base:bookworm", "nvcr.io/nvidia/pytorch:24.05-py3",
+                                   "dreamfleet@sha256:" + "a" * 64, "docker://ghcr.io/team/df:1",
+                                   "nvcr.io#nvidia/pytorch:24.05-py3", "/shared/images/dreamfleet.sif"])
+def test_image_references_in_the_forms_runtimes_take_are_accepted(tmp_path, image):
+    assert load_job(write(tmp_path, MINIMAL), [f"cluster.image={image}"]).cluster.image == image
+
+
+@pytest.mark.parametrize("image", ["df:1$(touch x)", "df;rm -rf /", "Team/DF:1", "df:", "a//b", "-df", "df:1 --privileged",
+                                   "df@sha256:short", "registry.example.com:port/df"])
+def test_a_malformed_image_reference_is_refused(tmp_path, image):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, MINIMAL), [f"cluster.image={image!r}"])
+    assert [p for p in err.value.problems if p.startswith(f"cluster.image: {image!r} is not a container image reference")], \
+        err.value.problems
