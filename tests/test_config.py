@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from launcher.config import JobConfig, LohaAdapter, apply_overrides, job_from_dict, load_job
 from launcher.errors import ConfigError
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MINIMAL = {"name": "job", "model": {"source": "/models/sd15"},
            "subjects": [{"id": "dog", "images": "/data/dog", "instance_prompt": "a photo of sks dog"}]}
 
@@ -368,3 +370,13 @@ def test_a_malformed_image_reference_is_refused(tmp_path, image):
         load_job(write(tmp_path, MINIMAL), [f"cluster.image={image!r}"])
     assert [p for p in err.value.problems if p.startswith(f"cluster.image: {image!r} is not a container image reference")], \
         err.value.problems
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_shipped_sample_prompts_read_right_with_the_instance_prompts(example):
+    job = load_job(EXAMPLES / example)
+    subjects = job.subjects if isinstance(job.subjects, list) else []
+    for s in subjects:
+        for prompt in job.train.samples.prompts:
+            filled = prompt.replace("{instance}", s.instance_prompt)
+            assert "a photo of a photo" not in filled and filled.count("{") == 0, filled
