@@ -33,16 +33,31 @@ BY_REFERENCE = ("pass it by reference instead: on Kubernetes a Secret named in c
 
 
 @lru_cache(maxsize=1)
-def _plugins() -> tuple:
+def _plugins() -> tuple[tuple, re.Pattern, re.Pattern]:
+    """detect-secrets' plugins, and two tests that a string passes before any of them can flag it:
+    one of the keyword detector's keywords; one of the other detectors' own patterns."""
     from detect_secrets.core.plugins.util import get_mapping_from_secret_type_to_class
+    from detect_secrets.plugins import keyword
 
-    return tuple(cls() for cls in get_mapping_from_secret_type_to_class().values()
-                 if cls.__name__ not in SKIPPED_PLUGINS)
+    plugins = tuple(cls() for cls in get_mapping_from_secret_type_to_class().values()
+                    if cls.__name__ not in SKIPPED_PLUGINS)
+    patterns = [p for plugin in plugins for p in getattr(plugin, "denylist", ())]
+    scoped = "|".join(f"(?{''.join(c for f, c in ((re.I, 'i'), (re.X, 'x'), (re.M, 'm'), (re.S, 's')) if p.flags & f)}"
+                      f"-{''.join(c for f, c in ((re.I, 'i'), (re.X, 'x'), (re.M, 'm'), (re.S, 's')) if not p.flags & f)}:"
+                      f"{p.pattern})" for p in patterns)
+    return plugins, re.compile("|".join(keyword.DENYLIST), re.IGNORECASE), re.compile(scoped)
 
 
 def _detected(text: str) -> str | None:
-    """The kind of secret detect-secrets sees in `text`, if any."""
-    for plugin in _plugins():
+    """The kind of secret detect-secrets sees in `text`, if any. The prefilters save a call of each
+    of 24 plugins on the strings where none can match (20,000 inline subjects took 3 s without)."""
+    plugins, has_keyword, has_pattern = _plugins()
+    keyword_possible, pattern_possible = bool(has_keyword.search(text)), bool(has_pattern.search(text))
+    if not (keyword_possible or pattern_possible):
+        return None
+    for plugin in plugins:
+        if not (keyword_possible if not hasattr(plugin, "denylist") else pattern_possible):
+            continue
         if any(True for _ in plugin.analyze_line(filename="job.yaml", line=text, line_number=1)):
             return getattr(plugin, "secret_type", type(plugin).__name__)
     return None
