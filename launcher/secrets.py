@@ -42,10 +42,15 @@ def _plugins() -> tuple[tuple, re.Pattern, re.Pattern]:
     plugins = tuple(cls() for cls in get_mapping_from_secret_type_to_class().values()
                     if cls.__name__ not in SKIPPED_PLUGINS)
     patterns = [p for plugin in plugins for p in getattr(plugin, "denylist", ())]
-    scoped = "|".join(f"(?{''.join(c for f, c in ((re.I, 'i'), (re.X, 'x'), (re.M, 'm'), (re.S, 's')) if p.flags & f)}"
-                      f"-{''.join(c for f, c in ((re.I, 'i'), (re.X, 'x'), (re.M, 'm'), (re.S, 's')) if not p.flags & f)}:"
-                      f"{p.pattern})" for p in patterns)
-    return plugins, re.compile("|".join(keyword.DENYLIST), re.IGNORECASE), re.compile(scoped)
+    return plugins, re.compile("|".join(keyword.DENYLIST), re.IGNORECASE), re.compile("|".join(map(_scoped, patterns)))
+
+
+def _scoped(pattern: re.Pattern) -> str:
+    """`pattern` as a group that keeps its own flags inside an alternation of patterns."""
+    letters = ((re.IGNORECASE, "i"), (re.MULTILINE, "m"), (re.DOTALL, "s"), (re.VERBOSE, "x"))
+    on = "".join(c for flag, c in letters if pattern.flags & flag)
+    off = "".join(c for flag, c in letters if not pattern.flags & flag)
+    return f"(?{on}-{off}:{pattern.pattern})" if off else f"(?{on}:{pattern.pattern})"
 
 
 def _detected(text: str) -> str | None:
