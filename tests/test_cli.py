@@ -170,3 +170,14 @@ def test_help_shows_plain_flags_as_flags_without_a_type(command):
     proc = run_cli(*command, "--help")
     assert proc.returncode == 0, proc.stderr
     assert "--help" in proc.stdout and "<bool>" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["slurm", "kubernetes"])
+def test_a_credential_in_the_job_renders_nothing_and_is_not_echoed(make_job, tmp_path, backend):
+    job = make_job(cluster={"env": {"DB_PASS": "planted-pass-7c1d"}})
+    proc = run_cli("render", str(job), "--backend", backend, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "cluster.env.DB_PASS: holds a credential" in said and "cluster.kubernetes.credentials_secret" in said
+    assert "planted-pass-7c1d" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()
