@@ -18,12 +18,49 @@ import typer
 
 from launcher.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+
+
+def _flags_without_a_type(command, ctx) -> None:
+    """Typer's help prints a value type beside every option, `<bool>` beside plain flags too
+    (--dry-run, --no-inputs, --help) although they take no value: an empty metavar leaves it out."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if param is not None and getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
+class _Commands(typer.core.TyperGroup):
+    """The app's command group: every command's flags, and its own --help, shown as flags."""
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _flags_without_a_type(command, ctx)
+        return command
+
+    def format_help(self, ctx, formatter):
+        _flags_without_a_type(self, ctx)
+        super().format_help(ctx, formatter)
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="dreamfleet: DreamBooth adapters for many subjects on Slurm, Kubernetes or this machine.")
 
 JobArg = typer.Argument(..., help="Job file (YAML).", show_default=False)
 OverridesArg = typer.Argument(None, help="Dotted overrides after the job file, e.g. train.steps=400.", show_default=False)
-BackendOpt = typer.Option(None, "--backend", "-b", help="local | slurm | kubernetes (default: cluster.backend).")
+
+
+def _backend_name(value: Optional[str]) -> Optional[str]:
+    """--backend is checked as it is parsed, before the job is read: a mistyped name is the error,
+    not whatever the job's state would have led to ("nothing to train")."""
+    from launcher.backends import BACKENDS
+
+    if value is not None and value not in BACKENDS:
+        raise typer.BadParameter(f"{value!r} is not a backend; choose one of {', '.join(BACKENDS)}")
+    return value
+
+
+BackendOpt = typer.Option(None, "--backend", "-b", callback=_backend_name,
+                          help="local | slurm | kubernetes (default: cluster.backend).")
 
 
 def _err(message: str) -> None:
@@ -334,7 +371,7 @@ def logs(job_file: Path = JobArg, job_id: Optional[str] = typer.Option(None, "--
 @app.command()
 @user_errors
 def cancel(target: str = typer.Argument(..., help="The job file, or a Slurm job id, or a Kubernetes job name."),
-           backend: Optional[str] = typer.Option(None, "--backend", "-b",
+           backend: Optional[str] = typer.Option(None, "--backend", "-b", callback=_backend_name,
                                                  help="slurm | kubernetes (default: the job file's, else slurm)."),
            namespace: str = typer.Option("default", "--namespace", "-n",
                                          help="Kubernetes namespace, when TARGET is a name (a job file names its own).")):

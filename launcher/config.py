@@ -25,15 +25,49 @@ from launcher.errors import ConfigError
 YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
+
+class DuplicateKey(yaml.YAMLError):
+    """A key given twice in one mapping: YAML would silently keep the last."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(f"key {key!r} appears twice in one mapping, at lines {first_line} and {second_line}")
+        self.key, self.first_line, self.second_line = key, first_line, second_line
+
+
+class JobLoader(YAML_LOADER):
+    """The safe loader (libyaml's where present), refusing duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise DuplicateKey(key, seen[key], line)
+                    seen[key] = line
+                except TypeError:
+                    continue  # an unhashable key: the constructor itself reports it
+        return super().construct_mapping(node, deep=deep)
+
 SUBJECT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # whole string (fullmatch)
 JOB_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,50}[a-z0-9])?")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-CREDENTIAL_NAME_RE = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY", re.I)
 SLURM_TIME_RE = re.compile(r"\d+|\d+:\d{1,2}|\d+:\d{1,2}:\d{1,2}|\d+-\d{1,2}(:\d{1,2}(:\d{1,2})?)?|UNLIMITED|INFINITE",
                            re.I)
 DNS_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 QUANTITY_RE = re.compile(r"\d+(\.\d+)?([mkMGTPE]|[KMGTPE]i)?")
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+IMAGE_FILE_RE = re.compile(r"/[A-Za-z0-9._/+-]+\.(sif|sqsh|squashfs)")
+# A container image reference as the OCI distribution spec writes it:
+# [registry[:port]/]path[:tag][@algorithm:hex], path components lower case
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN = r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*|\[[0-9A-Fa-f:]+\])(?::[0-9]+)?"
+IMAGE_REF_RE = re.compile(rf"(?:(?P<domain>{_DOMAIN})/)?(?P<path>{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*)"
+                          r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>[A-Za-z][A-Za-z0-9]*(?:[+._-][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}))?")
 
 
 def matching(pattern: re.Pattern, what: str):
@@ -44,6 +78,25 @@ def matching(pattern: re.Pattern, what: str):
         return value
 
     return check
+
+
+def image_reference(value: str) -> str:
+    """A container image reference as runtimes and the Kubernetes API take it; on Slurm also the
+    forms apptainer and pyxis read: docker://<reference>, registry#<reference>, or an image file
+    (.sif, .sqsh) by absolute path."""
+    ref = value.removeprefix("docker://")
+    if "#" in ref:  # enroot/pyxis: registry#name[:tag]
+        registry, _, ref = ref.partition("#")
+        ref = f"{registry}/{ref}"
+    match = IMAGE_REF_RE.fullmatch(ref)
+    if match and len((match["domain"] or "") + match["path"]) < 256:
+        return value
+    if IMAGE_FILE_RE.fullmatch(value):
+        return value
+    raise ValueError(f"{value!r} is not a container image reference: [registry[:port]/]name[:tag][@digest] with a "
+                     "lower-case name (letters and digits, '.', '_' or '-' between them, '/' between parts), e.g. "
+                     "registry.example.com:5000/team/dreamfleet:1.2 or dreamfleet@sha256:<hex>; on Slurm also "
+                     "docker://<reference>, registry#<reference> or the absolute path of a .sif/.sqsh image")
 
 
 def one_line(value: str) -> str:
@@ -178,7 +231,7 @@ UNetAdapter = Annotated[Union[LoraAdapter, LohaAdapter, LokrAdapter], Field(disc
 
 
 class SamplesConfig(Section):
-    prompts: list[str] = Field(default_factory=lambda: ["a photo of {instance} in a garden"], description="Validation prompts rendered at the end; '{instance}' is replaced by the subject's instance prompt.")
+    prompts: list[str] = Field(default_factory=lambda: ["{instance} in a garden"], description="Validation prompts rendered at the end; '{instance}' is replaced by the subject's instance prompt.")
     num_inference_steps: int = Field(20, gt=0, description="Sampler steps per validation image.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale for validation images.")
     enabled: bool = Field(True, description="Render validation images into samples/ after training.")
@@ -361,7 +414,7 @@ class KubernetesConfig(Section):
 
 class ClusterConfig(Section):
     backend: Literal["local", "slurm", "kubernetes"] = Field("local", description="Default backend for submit/render when --backend is not given.")
-    image: str = Field("dreamfleet:latest", description="Worker container image.")
+    image: Annotated[str, AfterValidator(image_reference)] = Field("dreamfleet:latest", description="Worker container image: [registry[:port]/]name[:tag][@digest].")
     shards: int | None = Field(None, gt=0, description="Subject shards (array tasks / job indexes) for fleets; default: one per node group.")
     env: dict[str, str] = Field(default_factory=dict, description="Extra non-secret environment for workers (never put credentials here).")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Slurm settings.")
@@ -374,10 +427,6 @@ class ClusterConfig(Section):
             if not ENV_NAME_RE.fullmatch(name):
                 raise ValueError(f"{name!r} is not an environment variable name (letters, digits and '_', "
                                  "not starting with a digit)")
-            if CREDENTIAL_NAME_RE.search(name):
-                raise ValueError(f"{name} looks like a credential, which a job file never holds: give it to the "
-                                 "workers through the node's environment (Slurm passes it on) or "
-                                 "cluster.kubernetes.credentials_secret")
         return value
 
 
@@ -558,12 +607,22 @@ def _format_errors(exc: ValidationError, root: type[BaseModel] | None = None) ->
 
 
 def job_from_dict(data: Any, source: str = "job file") -> JobConfig:
+    """Validate a job's raw dict; every string is first checked for credentials (launcher.secrets),
+    and those problems are reported with the schema's, the schema's own about the same key left out."""
+    from launcher.secrets import find_credentials
+
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (name, model, subjects, ...)")
+    credentials = find_credentials(data)
     try:
-        return JobConfig.model_validate(data)
+        job = JobConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(f"{source} is invalid", _format_errors(exc)) from None
+        named = {c.split(": ", 1)[0] for c in credentials}
+        rest = [p for p in _format_errors(exc) if p.split(": ", 1)[0] not in named]
+        raise ConfigError(f"{source} is invalid", credentials + rest) from None
+    if credentials:
+        raise ConfigError(f"{source} is invalid", credentials)
+    return job
 
 
 def read_file_text(path: Path) -> str:
@@ -583,9 +642,17 @@ def read_job_dict(path: str | Path) -> dict:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
         raise ConfigError(f"job file {path} cannot be read: {exc or type(exc).__name__}") from None
     try:
-        data = yaml.load(text, Loader=YAML_LOADER)
+        data = yaml.load(text, Loader=JobLoader)
+    except DuplicateKey as exc:
+        raise ConfigError(f"job file {path}:{exc.second_line}: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
+        # libyaml says "found character that cannot start any token": name the tab instead
+        tabbed = [i for i, line in enumerate(text.splitlines(), 1) if "\t" in line[: len(line) - len(line.lstrip())]]
+        if tabbed:
+            at = (mark.line + 1) if mark and mark.line + 1 in tabbed else tabbed[0]
+            raise ConfigError(f"job file {path}:{at}: indented with a tab; YAML indents with spaces only "
+                              "(replace the tabs with spaces)") from None
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"job file {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:

@@ -145,3 +145,39 @@ def test_render_refuses_an_out_that_is_a_file_or_holds_the_job_file_itself(make_
     for out in (job, "/proc/nowhere"):
         proc = run_cli("submit", str(job), "--backend", "slurm", "--dry-run", "--out", str(out))
         assert proc.returncode == 2 and f"error: --out {out}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["submit", "render", "logs"])
+def test_a_mistyped_backend_is_refused_before_anything_else(make_job, tmp_path, command):
+    """Even on a finished job (where submit would say "nothing to train"), a backend name that is
+    not one of the three is the error, with the valid choices."""
+    from launcher import ledger
+    from launcher.ledger import SubjectStatus
+
+    job = make_job(n_subjects=1)
+    ledger.write_status(str(tmp_path / "out" / "t"), SubjectStatus(id="s0", state="done", attempts=1))
+    extra = ["--out", str(tmp_path / "r")] if command != "logs" else []
+    proc = run_cli(command, str(job), "--backend", "lcoal", *extra)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "nothing to train" not in proc.stdout
+    said = " ".join(proc.stderr.replace("│", " ").split())  # the message as one line, out of its box
+    assert "'lcoal' is not a backend; choose one of local, slurm, kubernetes" in said, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["submit"], ["status"]], ids=["launcher", "validate", "submit", "status"])
+def test_help_shows_plain_flags_as_flags_without_a_type(command):
+    proc = run_cli(*command, "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "--help" in proc.stdout and "<bool>" not in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("backend", ["slurm", "kubernetes"])
+def test_a_credential_in_the_job_renders_nothing_and_is_not_echoed(make_job, tmp_path, backend):
+    job = make_job(cluster={"env": {"DB_PASS": "planted-pass-7c1d"}})
+    proc = run_cli("render", str(job), "--backend", backend, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    said = " ".join(proc.stderr.split())
+    assert "cluster.env.DB_PASS: holds a credential" in said and "cluster.kubernetes.credentials_secret" in said
+    assert "planted-pass-7c1d" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()

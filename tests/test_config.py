@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import pytest
 import yaml
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from launcher.config import JobConfig, LohaAdapter, apply_overrides, job_from_dict, load_job
 from launcher.errors import ConfigError
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 MINIMAL = {"name": "job", "model": {"source": "/models/sd15"},
            "subjects": [{"id": "dog", "images": "/data/dog", "instance_prompt": "a photo of sks dog"}]}
 
@@ -220,14 +222,14 @@ def test_prior_preservation_needs_class_prompts_in_a_manifest_too(tmp_path, mani
     (r'cluster.slurm.extra=["--qos=a\nrm -rf /"]', "cluster.slurm.extra: '--qos=a\\nrm -rf /' must be one line"),
     ("cluster.slurm.time=banana", "cluster.slurm.time: 'banana' is not a Slurm time limit"),
     ('cluster.env={"A;touch /tmp/x;B": "1"}', "cluster.env: 'A;touch /tmp/x;B' is not an environment variable name"),
-    ('cluster.env={"AWS_SECRET_ACCESS_KEY": "x"}', "cluster.env: AWS_SECRET_ACCESS_KEY looks like a credential"),
-    ('cluster.env={"HF_TOKEN": "x"}', "cluster.env: HF_TOKEN looks like a credential"),
-    ("output.uri=s3://AKIA:hunter2@bucket/out", "output.uri: s3://<user>:<password>@... holds a credential"),
+    ('cluster.env={"AWS_SECRET_ACCESS_KEY": "x"}', "cluster.env.AWS_SECRET_ACCESS_KEY: holds a credential"),
+    ('cluster.env={"HF_TOKEN": "x"}', "cluster.env.HF_TOKEN: holds a credential"),
+    ("output.uri=s3://AKIA:hunter2@bucket/out", "output.uri: holds a credential"),
     ("output.uri=", "output.uri: must not be empty"),
     ("output.uri=s3://", "output.uri: 's3://' names no bucket or host"),
     ("model.source=s3:/models/sd", "model.source: 's3:/models/sd' is neither a path nor a URI"),
     ("subjects=gs:/x.jsonl", "subjects: 'gs:/x.jsonl' is neither a path nor a URI"),
-    ('subjects.0.images=["/ok.png", "s3://u:p@b/x.png"]', "subjects.0.images.1: s3://<user>:<password>@... holds"),
+    ('subjects.0.images=["/ok.png", "s3://u:p@b/x.png"]', "subjects.0.images.1: holds a credential"),
     ("train.learning_rate=.inf", "train.learning_rate: Input should be a finite number"),
     ("cluster.kubernetes.namespace=Team_A", "cluster.kubernetes.namespace: 'Team_A' is not a namespace name"),
     ("cluster.kubernetes.memory=lots", "cluster.kubernetes.memory: 'lots' is not a Kubernetes quantity"),
@@ -270,3 +272,111 @@ def test_a_storage_scheme_that_cannot_be_used_is_a_message(monkeypatch):
     monkeypatch.setattr(fsspec.core, "url_to_fs", missing_package)  # as fsspec answers without gcsfs
     with pytest.raises(StorageError, match=r"gs://bucket/s.jsonl: Please install gcsfs .*dreamfleet\[gcs\]"):
         storage.exists("gs://bucket/s.jsonl")
+
+
+SECRET = "Zm9vYmFyQmF6cXV4MTIzNDU2Nzg5MGFiY2RlZmdoaWprbG1ub3BxcnN0dXZ3eHl6QUJDREVGR0g="
+PLANTED_CREDENTIALS = [
+    ({"cluster": {"env": {"AZURE_STORAGE_KEY": SECRET}}}, "cluster.env.AZURE_STORAGE_KEY"),
+    ({"cluster": {"env": {"AZURE_STORAGE_CONNECTION_STRING": "DefaultEndpointsProtocol=https;AccountName=acct;"
+                                                             f"AccountKey={SECRET};EndpointSuffix=core.windows.net"}}},
+     "cluster.env.AZURE_STORAGE_CONNECTION_STRING"),
+    ({"cluster": {"env": {"DB_PASS": "s3cr3tPassw0rd"}}}, "cluster.env.DB_PASS"),
+    ({"output": {"uri": "s3://ASIAQWERTYTOKEN42@bucket/out"}}, "output.uri"),
+    ({"model": {"source": "s3://ASIAQWERTYTOKEN42@models/sd15"}}, "model.source"),
+    ({"prior": {"store": "gs://ASIAQWERTYTOKEN42@priors/x"}}, "prior.store"),
+    ({"subjects": [{"id": "dog", "images": ["/ok.png", "s3://ASIAQWERTYTOKEN42@b/x.png"], "instance_prompt": "p"}]},
+     "subjects.0.images.1"),
+    ({"output": {"uri": "https://host/out?secret_key=s3cr3tPassw0rd"}}, "output.uri"),
+    ({"model": {"source": "https://b.s3.amazonaws.com/sd?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Signature=9f8e7d6c5b4a"}},
+     "model.source"),
+    ({"output": {"uri": "https://acct.blob.core.windows.net/c/out?sv=2022-11-02&sp=rw&sig=s3cr3tPassw0rd%3D"}}, "output.uri"),
+    ({"prior": {"store": "https://storage.googleapis.com/b/p?X-Goog-Algorithm=GOOG4-RSA-SHA256&X-Goog-Signature=9f8e7d6c"}},
+     "prior.store"),
+    ({"cluster": {"slurm": {"extra": ["--reservation=r", f"--export=ALL,AWS_SECRET_ACCESS_KEY={SECRET}"]}}},
+     "cluster.slurm.extra.1"),
+    ({"subjects": [{"id": "dog", "images": "/d", "instance_prompt": "p"},
+                   {"id": "cat", "images": "/d", "instance_prompt": "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIx"
+                                                                    "MjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"}]},
+     "subjects.1.instance_prompt"),
+    ({"cluster": {"kubernetes": {"node_selector": {"pool": "AKIAIOSFODNN7EXAMPLQ"}}}}, "cluster.kubernetes.node_selector.pool"),
+]
+
+
+def _merged(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+@pytest.mark.parametrize("extra, path", PLANTED_CREDENTIALS, ids=[p for _, p in PLANTED_CREDENTIALS])
+def test_a_credential_anywhere_in_the_job_is_refused_by_path_without_its_value(tmp_path, extra, path):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, _merged(MINIMAL, extra)))
+    line = next((p for p in err.value.problems if p.startswith(f"{path}: holds a credential")), None)
+    assert line, err.value.problems
+    assert "cluster.kubernetes.credentials_secret" in line and "environment" in line
+    for value in (SECRET, "s3cr3tPassw0rd", "ASIAQWERTYTOKEN42", "9f8e7d6c", "dozjgNry", "AKIAIOSFODNN7EXAMPLQ"):
+        assert value not in str(err.value)
+
+
+def test_references_to_credentials_and_long_ids_are_not_credentials(tmp_path):
+    job = load_job(write(tmp_path, _merged(MINIMAL, {
+        "model": {"source": "s3://models/sd15", "revision": "0123456789abcdef0123456789abcdef01234567"},
+        "cluster": {"env": {"HF_HOME": "/scratch/hf", "GIT_SHA": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b",
+                            "AWS_DEFAULT_REGION": "eu-west-1"},
+                    "kubernetes": {"credentials_secret": "bucket-credentials", "service_account": "trainer"}},
+        "subjects": [{"id": "c0ffee0123456789abcdef0123456789", "images": "s3://bucket/u/c0ffee0123456789abcdef/",
+                      "instance_prompt": "a photo of sks dog, password-style collar, token of love"}]})))
+    assert job.cluster.kubernetes.credentials_secret == "bucket-credentials"
+
+
+def test_default_sample_prompt_reads_right_with_an_instance_prompt(tmp_path):
+    job = load_job(write(tmp_path, MINIMAL))
+    filled = [p.replace("{instance}", job.subjects[0].instance_prompt) for p in job.train.samples.prompts]
+    assert filled == ["a photo of sks dog in a garden"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: job\nmodel:\n  source: /m\ntrain:\n  steps: 10\n  steps: 20\n", ":6: key 'steps' appears twice in one mapping, at lines 5 and 6"),
+    ("name: job\nmodel: {source: /m, source: /n}\n", ":2: key 'source' appears twice in one mapping, at lines 2 and 2"),
+    ("name: job\nname: other\nmodel: {source: /m}\n", ":2: key 'name' appears twice in one mapping, at lines 1 and 2"),
+])
+def test_a_duplicate_key_is_refused_with_both_lines(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_job(path)
+    assert str(err.value) == f"job file {path}{message}"
+
+
+def test_a_tab_indented_file_is_named_as_such_with_its_line(tmp_path):
+    path = write(tmp_path, "name: job\nmodel:\n  source: /m\ntrain:\n\tsteps: 10\n")
+    with pytest.raises(ConfigError, match=rf"^job file {path}:5: indented with a tab; YAML indents with spaces only"):
+        load_job(path)
+
+
+@pytest.mark.parametrize("image", ["dreamfleet:latest", "registry.example.com:5000/team/dreamfleet:1.2",
+                                   "localhost/debian-base:bookworm", "nvcr.io/nvidia/pytorch:24.05-py3",
+                                   "dreamfleet@sha256:" + "a" * 64, "docker://ghcr.io/team/df:1",
+                                   "nvcr.io#nvidia/pytorch:24.05-py3", "/shared/images/dreamfleet.sif"])
+def test_image_references_in_the_forms_runtimes_take_are_accepted(tmp_path, image):
+    assert load_job(write(tmp_path, MINIMAL), [f"cluster.image={image}"]).cluster.image == image
+
+
+@pytest.mark.parametrize("image", ["df:1$(touch x)", "df;rm -rf /", "Team/DF:1", "df:", "a//b", "-df", "df:1 --privileged",
+                                   "df@sha256:short", "registry.example.com:port/df"])
+def test_a_malformed_image_reference_is_refused(tmp_path, image):
+    with pytest.raises(ConfigError) as err:
+        load_job(write(tmp_path, MINIMAL), [f"cluster.image={image!r}"])
+    assert [p for p in err.value.problems if p.startswith(f"cluster.image: {image!r} is not a container image reference")], \
+        err.value.problems
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_shipped_sample_prompts_read_right_with_the_instance_prompts(example):
+    job = load_job(EXAMPLES / example)
+    subjects = job.subjects if isinstance(job.subjects, list) else []
+    for s in subjects:
+        for prompt in job.train.samples.prompts:
+            filled = prompt.replace("{instance}", s.instance_prompt)
+            assert "a photo of a photo" not in filled and filled.count("{") == 0, filled
