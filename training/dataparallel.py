@@ -33,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -42,11 +43,11 @@ import torch.distributed as dist
 from launcher import ledger
 from launcher.config import JobConfig, Subject
 from launcher.deepspeed import deepspeed_config
-from launcher.errors import UserError
 from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease
 from training.checkpoint import ENGINE
 from training.env import Preemption, WorkerEnv
+from training.failures import is_fatal
 from training.lease import Outcome
 from training.loop import diffusion_loss, prepare_subject, subject_seed
 from training.optim import build_lr_scheduler, build_optimizer
@@ -102,7 +103,7 @@ def _on_ranks(fn, what: str) -> list:
     if fn is not None:
         try:
             result = fn()
-        except (UserError, OSError, ValueError, RuntimeError) as exc:  # re-raised on every rank below
+        except Exception as exc:  # re-raised on every rank below, so that no rank waits in a collective
             log.error("%s failed: %s", what, exc)
             error = f"rank {dist.get_rank()}: {exc}"
     gathered = [None] * dist.get_world_size()
@@ -224,10 +225,12 @@ def _run_subject(job, env, preemption, worker: Worker, accelerator, subject: Sub
     steps = subject.steps or job.train.steps
     try:
         result = _train(job, env, preemption, worker, accelerator, subject, class_images, steps, keeper)
-    except (UserError, ValueError, RuntimeError, OSError) as exc:
-        log.error("subject %s failed: %s", subject.id, exc)
+    except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
+        log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
         if keeper:
             keeper.fail(exc)
+        if is_fatal(exc):
+            raise
         return Outcome(subject.id, "failed", str(exc))
     finally:
         accelerator.free_memory()

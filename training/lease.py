@@ -146,7 +146,9 @@ class StatusKeeper:
         self.stop()
 
     def fail(self, exc: BaseException) -> None:
-        self.update(state="failed", error=f"{type(exc).__name__}: {exc}"[:2000], finished_at=time.time())
+        from training.failures import one_line
+
+        self.update(state="failed", error=one_line(exc), finished_at=time.time())
 
 
 def begin(job: JobConfig, subject: Subject, owner: str) -> tuple[StatusKeeper | None, str]:

@@ -28,10 +28,11 @@ import torch.nn.functional as F
 
 from launcher import ledger
 from launcher.config import JobConfig, Subject
-from launcher.errors import ConfigError, UserError
+from launcher.errors import ConfigError
 from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease, packed
 from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
+from training.failures import is_fatal
 from training.lease import Outcome, StatusKeeper
 from training.runner import Worker
 
@@ -236,11 +237,12 @@ def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
         data = prepare_subject(worker.c, job, subject, image_uris(subject), class_images.get(subject.class_prompt),
                                False)
         s = trainer.open(slot, subject, data)
-    except (UserError, ValueError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
+        log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
         keeper.fail(exc)
         keeper.stop()
         outcomes.append(Outcome(subject.id, "failed", str(exc)))
-        if isinstance(exc, ConfigError):
+        if isinstance(exc, ConfigError) or is_fatal(exc):
             raise
         return
     s.keeper, s.work, s.started = keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-"), time.perf_counter()
@@ -294,9 +296,11 @@ def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outco
                 packed._set_submodule(c.unet, name, layer)
         s.keeper.update(state="done", step=s.step, final_loss=s.last_loss, finished_at=time.time())
         outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.last_loss))
-    except (UserError, ValueError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
         log.error("subject %s failed: %s\n%s", s.subject.id, exc, traceback.format_exc())
         s.keeper.fail(exc)
         outcomes.append(Outcome(s.subject.id, "failed", str(exc)))
+        if is_fatal(exc):
+            raise
     finally:
         _close_slot(trainer, i)

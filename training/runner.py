@@ -14,9 +14,8 @@ import torch
 
 from launcher import ledger, storage
 from launcher.config import JobConfig, Subject, dump_job
-from launcher.errors import UserError
 from launcher.subjects import image_uris
-from training import adapters, cpu_attention, export, lease, priors
+from training import adapters, cpu_attention, export, failures, lease, priors
 from training.components import Components, load_components
 from training.env import Preemption, WorkerEnv
 from training.lease import Outcome
@@ -96,9 +95,11 @@ class Worker:
                 self.publish(subject, work, steps)
                 keeper.update(state="done", step=result.step, final_loss=result.final_loss, finished_at=time.time())
                 return Outcome(subject.id, "done", f"{result.step} steps", result.final_loss)
-            except (UserError, ValueError, RuntimeError, OSError) as exc:
+            except Exception as exc:  # any failure is this subject's alone, unless the process is unusable
                 log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
                 keeper.fail(exc)
+                if failures.is_fatal(exc):
+                    raise
                 return Outcome(subject.id, "failed", str(exc))
 
     def publish(self, subject: Subject, work: Path, steps: int) -> None:
