@@ -154,7 +154,7 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 
         for sid, problems in record_invalid(job, subjects).items():
             typer.secho(f"skipping subject {sid}: {'; '.join(problems)}", fg=typer.colors.YELLOW, err=True)
-            settled.setdefault(sid, "invalid input")  # recorded as failed for good: no shard starts for it
+            settled.setdefault(sid, INVALID_NOW)  # recorded as failed (never trained): no shard starts for it
     if _all_settled(job, subjects, settled):
         return
     if skip_invalid:
@@ -185,6 +185,9 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
             raise typer.Exit(code)
 
 
+INVALID_NOW = "invalid input"
+
+
 def _check_out(out: Path, job_file: Path) -> None:
     """The render directory: creatable, and not the place of the job file the render would overwrite."""
     if out.exists() and not out.is_dir():
@@ -213,8 +216,10 @@ def _all_settled(job, subjects, settled: dict[str, str]) -> bool:
     if not settled:
         return False
     done = sum(why == ledger.ALREADY_DONE for why in settled.values())
-    failed = len(settled) - done
+    invalid = sum(why in (ledger.INVALID_INPUT, INVALID_NOW) for why in settled.values())
+    failed = len(settled) - done - invalid
     what = f"{done} done" + (f", {failed} failed with no attempts left" if failed else "")
+    what += f", {invalid} with invalid inputs" if invalid else ""
     where = storage.redact(job.job_uri)
     if len(settled) < len(subjects):
         typer.secho(f"note: {len(settled)} of {len(subjects)} subject(s) need no training ({what}); "
@@ -222,7 +227,7 @@ def _all_settled(job, subjects, settled: dict[str, str]) -> bool:
         return False
     typer.echo(f"nothing to train: all {len(subjects)} subject(s) are settled in {where} ({what}).")
     typer.echo(f"  launcher status {where}   lists them")
-    if failed:
+    if failed or invalid:
         typer.echo(f"  launcher retry-failed {where}   gives the failed ones new attempts")
     typer.echo("  a new job name (or output.uri) trains every subject again")
     return True
@@ -253,13 +258,14 @@ def _job_uri(target: str) -> str:
 TABLE_ROWS = 40  # subjects listed by `status` before it summarizes (--all lists every one)
 
 
-def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bool = True) -> None:
+def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bool = True,
+                        stale_after_s: float | None = None) -> None:
     """One row per subject; for a larger fleet without show_all, the unfinished ones first (running,
     failed, pending) up to TABLE_ROWS, and a line for the rest."""
     from rich.console import Console
     from rich.table import Table
 
-    from launcher import ledger, storage
+    from launcher import fleet, ledger, storage
 
     statuses = ledger.list_statuses(job_uri) if statuses is None else statuses
     rows = statuses
@@ -272,7 +278,10 @@ def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bo
     for s in rows:
         loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
         where = ledger.subject_uri(job_uri, s.id) if s.state == "done" else (s.error or "")[:80]
-        table.add_row(s.id, s.state, f"{s.step}/{s.steps}", loss, where)
+        state = s.state
+        if state == "running" and s.is_stale(stale_after_s or fleet.STALE_AFTER_S):
+            state = "running (stale heartbeat)"
+        table.add_row(s.id, state, f"{s.step}/{s.steps}", loss, where)
     Console(stderr=False, width=160).print(table)
     if len(rows) < len(statuses):
         typer.echo(f"... and {len(statuses) - len(rows)} more subjects (--all lists every one, --json gives them all)")
@@ -292,15 +301,24 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
     if as_json:
         typer.echo(fleet.status_json(statuses))
         return
-    _print_status_table(job_uri, statuses, show_all)
-    summary = fleet.summarize(statuses)
+    stale_after_s = job.output.stale_after_s if job else fleet.STALE_AFTER_S
+    _print_status_table(job_uri, statuses, show_all, stale_after_s)
+    summary = fleet.summarize(statuses, stale_after_s=stale_after_s)
     counts = ", ".join(f"{k} {v}" for k, v in summary["counts"].items())
     rate = f"{summary['subjects_per_hour']:.1f} subjects/hour" if summary["subjects_per_hour"] else "no throughput yet"
-    eta = f", ETA {summary['eta_s'] / 60:.0f} min" if summary["eta_s"] else ""
+    eta = ""
+    if summary["steps_left"]:
+        eta = (f", ETA {fleet.format_duration(summary['eta_s'])} ({summary['steps_left']} steps left)"
+               if summary["eta_s"] is not None else f", {summary['steps_left']} steps left")
     typer.echo(f"{summary['total']} subjects: {counts}; {rate}{eta}")
+    if summary["stale_running"]:
+        typer.secho(f"stale: {len(summary['stale_running'])} running subject(s) with no heartbeat for over "
+                    f"{stale_after_s:.0f} s (their worker may be gone; "
+                    f"a resubmit takes them over): {', '.join(summary['stale_running'][:20])}", fg=typer.colors.YELLOW)
     failures = summary["failures"] if show_all else summary["failures"][:TABLE_ROWS]
     for failure in failures:
-        typer.secho(f"failed {failure['id']} ({failure['attempts']} attempt(s)): {failure['error']}", fg=typer.colors.RED)
+        tried = "never trained" if failure["invalid"] else f"{failure['attempts']} attempt(s)"
+        typer.secho(f"failed {failure['id']} ({tried}): {failure['error']}", fg=typer.colors.RED)
     if len(failures) < len(summary["failures"]):
         typer.echo(f"... and {len(summary['failures']) - len(failures)} more failures (--all, or --json)")
 

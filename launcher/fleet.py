@@ -16,21 +16,47 @@ from launcher import ledger, storage
 from launcher.ledger import STATES, SubjectStatus
 
 
-def summarize(statuses: list[SubjectStatus], now: float | None = None) -> dict:
+STALE_AFTER_S = 600  # output.stale_after_s's default, when the job file is not at hand
+
+
+def _first_start(s: SubjectStatus) -> float | None:
+    """When the subject's first attempt began (a resumed attempt resets started_at)."""
+    times = [h["at"] for h in s.history if isinstance(h.get("at"), (int, float)) and "attempt" in h]
+    times += [s.started_at] if s.started_at else []
+    return min(times) if times else None
+
+
+def summarize(statuses: list[SubjectStatus], now: float | None = None, stale_after_s: float = STALE_AFTER_S) -> dict:
+    """Counts by state, throughput and ETA, failures and stale runs.
+
+    Throughput counts what is finished over the time the fleet has been at work: from the first
+    attempt's start to now while anything runs, else to the last finish. The ETA is the steps
+    left (pending and running subjects) at the rate steps were trained over the same window,
+    so that a fleet with one long subject left does not show "0 min"."""
     now = now or time.time()
     counts = {state: sum(s.state == state for s in statuses) for state in STATES}
     done = [s for s in statuses if s.state == "done" and s.finished_at]
-    started = [s.started_at for s in statuses if s.started_at]
-    throughput = None
-    if done and started:
-        window_h = (max(s.finished_at for s in done) - min(started)) / 3600
-        throughput = len(done) / window_h if window_h > 0 else None
-    remaining = counts["pending"] + counts["running"]
-    eta_s = remaining / throughput * 3600 if throughput and remaining else (0.0 if not remaining else None)
-    failures = [{"id": s.id, "attempts": s.attempts, "error": s.error} for s in statuses if s.state == "failed"]
-    stale = [s.id for s in statuses if s.state == "running" and s.heartbeat_at and now - s.heartbeat_at > 600]
-    return {"total": len(statuses), "counts": counts, "subjects_per_hour": throughput, "eta_s": eta_s,
-            "failures": failures, "stale_running": stale}
+    starts = [t for s in statuses if (t := _first_start(s))]
+    end = now if counts["running"] else max((s.finished_at for s in done), default=None)
+    window_s = (end - min(starts)) if starts and end else 0.0
+    trained = sum(s.steps if s.state == "done" else s.step for s in statuses)
+    left = sum(max(s.steps - s.step, 0) for s in statuses if s.state in ("pending", "running"))
+    throughput = len(done) / window_s * 3600 if done and window_s > 0 else None
+    step_rate = trained / window_s if trained and window_s > 0 else None
+    eta_s = 0.0 if not left else (left / step_rate if step_rate else None)
+    failures = [{"id": s.id, "attempts": s.attempts, "invalid": s.invalid, "error": s.error}
+                for s in statuses if s.state == "failed"]
+    stale = [s.id for s in statuses if s.state == "running" and s.is_stale(stale_after_s, now)]
+    return {"total": len(statuses), "counts": counts, "subjects_per_hour": throughput, "steps_left": left,
+            "steps_per_s": step_rate, "eta_s": eta_s, "failures": failures, "stale_running": stale}
+
+
+def format_duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(seconds, 1):.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def job_statuses(job_uri: str, job=None) -> list[SubjectStatus]:
@@ -57,15 +83,16 @@ def retry_failed(job_uri: str) -> list[str]:
     for status in ledger.list_statuses(job_uri):
         if status.state == "failed":
             status.history.append({"reset_by": "retry-failed", "at": time.time(), "error": status.error})
-            status.state, status.attempts, status.error = "pending", 0, None
+            status.state, status.attempts, status.error, status.invalid = "pending", 0, None, False
             ledger.write_status(job_uri, status)
             reset.append(status.id)
     return reset
 
 
 def record_invalid(job, subjects) -> dict[str, list[str]]:
-    """Check every subject's images; mark the bad ones failed (attempts exhausted, so workers
-    skip them) with the reason. Returns {id: problems}."""
+    """Check every subject's images; mark the bad ones failed with the reason and `invalid` set
+    (settled without an attempt: workers skip them, and no attempt is counted, since none ran).
+    Returns {id: problems}."""
     from launcher.subjects import check_subjects
 
     bad = check_subjects(subjects)
@@ -73,7 +100,7 @@ def record_invalid(job, subjects) -> dict[str, list[str]]:
         status = ledger.read_status(job.job_uri, sid) or SubjectStatus(id=sid)
         if status.state == "done":
             continue
-        status.state, status.attempts = "failed", job.output.max_attempts
+        status.state, status.invalid = "failed", True
         status.error = "invalid input: " + "; ".join(problems)
         status.finished_at = time.time()
         ledger.write_status(job.job_uri, status)

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-from launcher import storage
+from launcher import liveness, storage
 from launcher.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ State = Literal["pending", "running", "done", "failed"]
 STATES: tuple[State, ...] = ("pending", "running", "done", "failed")
 READERS = 32  # concurrent reads of status files
 ALREADY_DONE = "already done"
+INVALID_INPUT = "invalid input (never trained)"
 
 
 def subjects_uri(job_uri: str) -> str:
@@ -65,6 +66,8 @@ class SubjectStatus:
     heartbeat_at: float | None = None
     final_loss: float | None = None
     lease: int = 0
+    process: dict | None = None  # the worker's process (launcher.liveness), to tell a dead run from a slow one
+    invalid: bool = False  # failed at the input check, never trained (launcher submit --skip-invalid)
     history: list[dict] = field(default_factory=list)
 
     @classmethod
@@ -110,6 +113,8 @@ def settled(status: SubjectStatus | None, max_attempts: int) -> str | None:
         return None
     if status.state == "done":
         return ALREADY_DONE
+    if status.state == "failed" and status.invalid:
+        return INVALID_INPUT
     if status.state == "failed" and status.attempts >= max_attempts:
         return f"failed {status.attempts} times (max_attempts={max_attempts})"
     return None
@@ -142,6 +147,7 @@ class Claim:
     seq: int
     owner: str
     at: float
+    process: dict | None = None  # launcher.liveness.current() of the claimant
 
 
 def _claim_uri(claims: str, seq: int) -> str:
@@ -155,20 +161,20 @@ def latest_claim(claims: str) -> Claim | None:
         return None
     seq = max(seqs)
     data = storage.read_json(_claim_uri(claims, seq)) or {}
-    return Claim(seq, data.get("owner", "?"), float(data.get("at", 0)))
+    return Claim(seq, data.get("owner", "?"), float(data.get("at", 0)), data.get("process"))
 
 
 def try_claim(claims: str, seq: int, owner: str) -> Claim | None:
     """Create claim `seq`; the Claim if this call created it, None if another worker has it."""
-    at = time.time()
-    body = json.dumps({"owner": owner, "at": at, "nonce": uuid.uuid4().hex}, sort_keys=True).encode()
+    at, process = time.time(), liveness.current()
+    body = json.dumps({"owner": owner, "at": at, "process": process, "nonce": uuid.uuid4().hex}, sort_keys=True).encode()
     created = storage.create_exclusive(_claim_uri(claims, seq), body)
-    return Claim(seq, owner, at) if created else None
+    return Claim(seq, owner, at, process) if created else None
 
 
 def refresh_claim(claims: str, claim: Claim) -> None:
     """The holder's heartbeat on a claim (only the holder ever writes its own claim file)."""
-    body = {"owner": claim.owner, "at": time.time(), "nonce": uuid.uuid4().hex}
+    body = {"owner": claim.owner, "at": time.time(), "process": claim.process, "nonce": uuid.uuid4().hex}
     storage.write_json(_claim_uri(claims, claim.seq), body)
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from conftest import FLEET_BAD, REPO, job_dict, require_binary, run_cli, worker_env, write_job
+from launcher import fleet
+from launcher.ledger import SubjectStatus
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = REPO / "test-artifacts"
@@ -69,6 +71,11 @@ def test_fleet_of_twenty_with_bad_subjects_shared_priors_status_report_and_retry
     errors = {f["id"]: f["error"] for f in summary["failures"]}
     assert "000.png cannot be decoded" in errors["f03"] and "holds no images" in errors["f11"]
     assert "is not an image" in errors["f17"]
+    # recorded at the input check: failed, but never trained, so no attempt is counted
+    for sid in FLEET_BAD:
+        status = statuses(out)[sid]
+        assert status["invalid"] and status["attempts"] == 0, status
+    assert "failed f03 (never trained): invalid input" in run_cli("status", str(out)).stdout
     for sid, status in statuses(out).items():
         if sid not in FLEET_BAD:
             assert (out / "subjects" / sid / "pytorch_lora_weights.safetensors").exists()
@@ -202,13 +209,30 @@ def test_status_and_report_of_a_large_fleet_stay_readable(tmp_path, monkeypatch)
     job_uri = str(tmp_path / "out" / "big")
     _ledger(job_uri, 250, failed=45, running=3)
     text = run_cli("status", job_uri).stdout
-    rows = [line for line in text.splitlines() if "c-0" in line and "failed c-" not in line]
+    rows = [line for line in text.splitlines() if "c-0" in line and not line.startswith(("failed c-", "stale: "))]
     assert len(rows) == 40 and all(" failed " in r or " running " in r for r in rows), rows
     assert "... and 210 more subjects" in text and "... and 5 more failures" in text
     assert "250 subjects: pending 0, running 3, done 202, failed 45" in text
+    assert "stale: 3 running subject(s) with no heartbeat" in text  # _ledger's heartbeats are long past
     everything = run_cli("status", job_uri, "--all").stdout
     assert sum("c-0" in line and "failed c-" not in line for line in everything.splitlines()) == 250
     page = fleet.render_report(job_uri)
     assert page.count("<section class='card") == 200 and "50 more subjects without a card" in page
     assert all(f"id='subject-c-{i:04d}'" in page for i in range(48))  # the failed and running ones all have one
     assert page.count("<tr><td>c-") == 45
+
+
+def test_status_throughput_and_eta_come_from_what_is_finished_and_what_is_left():
+    t0 = 1_000_000.0
+    done = SubjectStatus(id="a", state="done", step=100, steps=100, started_at=t0, finished_at=t0 + 100)
+    # resumed after a preemption: started_at is the latest attempt's, the history keeps the first
+    running = SubjectStatus(id="b", state="running", step=43, steps=300, started_at=t0 + 150, heartbeat_at=t0 + 199,
+                            history=[{"attempt": 1, "at": t0 + 100}, {"attempt": 2, "at": t0 + 150}])
+    summary = fleet.summarize([done, running], now=t0 + 200)
+    assert summary["subjects_per_hour"] == pytest.approx(18.0)  # 1 done in 200 s of work
+    assert summary["steps_left"] == 257
+    assert summary["eta_s"] == pytest.approx(257 / (143 / 200))  # 6 min, not "0 min"
+    assert fleet.format_duration(summary["eta_s"]) == "6 min" and fleet.format_duration(20) == "20 s"
+    assert summary["stale_running"] == []
+    assert fleet.summarize([done, running], now=t0 + 199 + 601)["stale_running"] == ["b"]
+    assert fleet.summarize([done, running], now=t0 + 260, stale_after_s=30)["stale_running"] == ["b"]

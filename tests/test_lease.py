@@ -173,3 +173,53 @@ def test_settled_subjects_are_done_or_out_of_attempts_and_a_broken_ledger_settle
     storage.write_text(ledger.status_uri(job.job_uri, "done"), "{not json")
     assert ledger.settled_subjects(job.job_uri, ids, 2) == {}
     assert "cannot read the status ledger" in caplog.text
+
+
+# --------------------------------------------------------------------------- a holder that is gone
+
+
+def test_a_holder_is_provably_gone_only_when_it_ran_here_and_its_process_is_not_there():
+    import subprocess
+    import sys
+
+    from launcher import liveness
+
+    me = liveness.current()
+    assert not liveness.provably_gone(me)  # alive
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert liveness.provably_gone({**me, "pid": child.pid, "start": None})  # no such process now
+    assert liveness.provably_gone({**me, "start": "1"})  # our pid, but another process's start time: reused
+    for key, other in (("host", "elsewhere"), ("boot", "another-boot"), ("pidns", "pid:[1]")):
+        assert not liveness.provably_gone({**me, "pid": child.pid, key: other})  # proves nothing
+    assert not liveness.provably_gone(None) and not liveness.provably_gone({"host": me["host"]})
+
+
+def test_a_worker_killed_mid_run_is_taken_over_at_once_by_the_next_on_its_host(tmp_path, tiny_model, subjects_root):
+    """kill -9 during training leaves the subject `running` with a fresh heartbeat; the next
+    worker on the same host sees that the holder's process is gone and trains it now, not after
+    output.stale_after_s (600 s by default)."""
+    import json
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO, subject_entry, worker_env, write_job
+
+    job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, [subject_entry(subjects_root, 0)], tmp_path / "out",
+                                                    train={"steps": 300, "log_every": 50}, output={"heartbeat_s": 1}))
+    status_path = tmp_path / "out" / "t" / "subjects" / "s0" / "status.json"
+    cmd = [sys.executable, "-m", "training.worker", "--job", str(job)]
+    first = subprocess.Popen(cmd, env=worker_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (status_path.exists() and json.loads(status_path.read_text()).get("step", 0) >= 2):
+        assert time.time() < deadline and first.poll() is None, "the first worker never trained"
+        time.sleep(0.1)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert json.loads(status_path.read_text())["state"] == "running"
+    second = subprocess.run(cmd, env=worker_env(), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "whose process is gone" in second.stderr, second.stderr[-3000:]
+    status = json.loads(status_path.read_text())
+    assert status["state"] == "done" and status["attempts"] == 2

@@ -354,10 +354,11 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
                 pending.clear()
                 summary = torch.stack([losses.mean(), losses[-1]])
                 dist.all_reduce(summary)  # the mean over the ranks: the loss of the global batch
-                mean_loss, final_loss = (summary / env.world_size).tolist()
+                mean_loss, last_loss = (summary / env.world_size).tolist()
+                final_loss = mean_loss  # as training.loop: the last interval's mean
                 worker.progress.step(step, steps, mean_loss)
                 if env.is_main:
-                    metrics.append(json.dumps({"step": step, "loss": round(mean_loss, 6), "last_loss": round(final_loss, 6),
+                    metrics.append(json.dumps({"step": step, "loss": round(mean_loss, 6), "last_loss": round(last_loss, 6),
                                                "lr": lr_now, "elapsed_s": round(time.perf_counter() - started, 3)}))
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
                 save_checkpoint()

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from launcher import ledger
+from launcher import ledger, liveness
 from launcher.config import JobConfig, Subject
 from launcher.errors import UserError
 from launcher.ledger import Claim, SubjectStatus
@@ -37,6 +37,8 @@ def should_train(status: SubjectStatus | None, latest: Claim | None, job: JobCon
         # claimed, and the claimant has not written its status yet
         if latest.owner == owner:
             return True, "restarting own claim"
+        if liveness.provably_gone(latest.process):
+            return True, f"taking over the claim of {latest.owner}, whose process is gone"
         if now - latest.at <= job.output.stale_after_s:
             return False, f"claimed by {latest.owner}"
         return True, f"taking over an unstarted claim of {latest.owner}"
@@ -47,6 +49,8 @@ def should_train(status: SubjectStatus | None, latest: Claim | None, job: JobCon
             return True, "restarting own run"
         if status.is_stale(job.output.stale_after_s, now):
             return True, f"taking over a stale run of {status.worker}"
+        if liveness.provably_gone(status.process):
+            return True, f"taking over the run of {status.worker}, whose process is gone"
         return False, f"running on {status.worker}"
     return True, f"retrying after failure ({status.attempts}/{job.output.max_attempts})"
 
@@ -172,7 +176,8 @@ def begin(job: JobConfig, subject: Subject, owner: str) -> tuple[StatusKeeper | 
     status = status or SubjectStatus(id=subject.id)
     now = time.time()
     keeper = StatusKeeper(job_uri, status, claim, job.output.heartbeat_s)
-    keeper.update(state="running", attempts=status.attempts + 1, worker=owner, error=None, started_at=now,
+    keeper.update(state="running", attempts=status.attempts + 1, worker=owner, process=liveness.current(), error=None,
+                  started_at=now,
                   steps=subject.steps or job.train.steps, lease=claim.seq,
                   history=status.history + [{"attempt": status.attempts + 1, "lease": claim.seq, "worker": owner,
                                              "at": now}])

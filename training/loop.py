@@ -175,7 +175,7 @@ def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.
 class TrainResult:
     step: int
     steps: int
-    final_loss: float | None
+    final_loss: float | None  # the mean training loss of the last `train.log_every` steps (docs/fleet.md)
     preempted: bool
     resumed_from: int | None
 
@@ -236,7 +236,7 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
         c.unet.enable_gradient_checkpointing()
     uploader = checkpoint.Uploader()
     pending: list[torch.Tensor] = []
-    last_loss: float | None = None
+    final_loss: float | None = None  # the mean over the last logging interval (TrainResult.final_loss)
     started = time.perf_counter()
     with open(metrics, "a") as metrics_file:
         while step < steps:
@@ -244,7 +244,7 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
                 _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics,
                                  uploader)
                 uploader.wait()  # preempted: the checkpoint must be in the bucket before the process exits
-                return TrainResult(step, steps, last_loss, True, resumed_from)
+                return TrainResult(step, steps, final_loss, True, resumed_from)
             total = torch.zeros((), device=c.device)
             for _ in range(t.gradient_accumulation):
                 loss = diffusion_loss(c, job, data, gen, stepper, train_te) / t.gradient_accumulation
@@ -257,9 +257,8 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
             if step % t.log_every == 0 or step == steps:
                 values = torch.stack(pending).cpu().tolist()  # the one host sync per log interval
                 pending.clear()
-                last_loss = values[-1][0]
-                mean_loss = sum(v[0] for v in values) / len(values)
-                line = {"step": step, "loss": round(mean_loss, 6), "last_loss": round(last_loss, 6),
+                final_loss = mean_loss = sum(v[0] for v in values) / len(values)
+                line = {"step": step, "loss": round(mean_loss, 6), "last_loss": round(values[-1][0], 6),
                         "grad_norm": round(values[-1][1], 6), "lr": lr_now,
                         "elapsed_s": round(time.perf_counter() - started, 3)}
                 metrics_file.write(json.dumps(line) + "\n")
@@ -277,4 +276,4 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
         c.unet.disable_gradient_checkpointing()
     c.unet.eval()
     c.text_encoder.eval()
-    return TrainResult(step, steps, last_loss, False, resumed_from)
+    return TrainResult(step, steps, final_loss, False, resumed_from)

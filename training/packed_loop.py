@@ -67,7 +67,7 @@ class Slot:
     data: SubjectData
     step: int = 0
     pending: list = field(default_factory=list)
-    last_loss: float | None = None
+    final_loss: float | None = None
     keeper: StatusKeeper | None = None
     work: tempfile.TemporaryDirectory | None = None
     metrics: object = None
@@ -260,9 +260,9 @@ def _log(s: Slot, job: JobConfig) -> None:
     if s.step % job.train.log_every and s.step != s.steps:
         return
     values = torch.stack([v for v, _ in s.pending]).cpu().tolist()  # the one host sync per log interval
-    s.last_loss = values[-1][0]
-    line = {"step": s.step, "loss": round(sum(v[0] for v in values) / len(values), 6),
-            "last_loss": round(s.last_loss, 6), "grad_norm": round(values[-1][1], 6), "lr": s.pending[-1][1],
+    s.final_loss = sum(v[0] for v in values) / len(values)  # as training.loop: the last interval's mean
+    line = {"step": s.step, "loss": round(s.final_loss, 6),
+            "last_loss": round(values[-1][0], 6), "grad_norm": round(values[-1][1], 6), "lr": s.pending[-1][1],
             "elapsed_s": round(time.perf_counter() - s.started, 3)}
     s.pending.clear()
     s.metrics.write((json.dumps(line) + "\n").encode())
@@ -294,8 +294,8 @@ def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outco
             c.unet.train()
             for name, layer in trainer.layers.items():
                 packed._set_submodule(c.unet, name, layer)
-        s.keeper.update(state="done", step=s.step, final_loss=s.last_loss, finished_at=time.time())
-        outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.last_loss))
+        s.keeper.update(state="done", step=s.step, final_loss=s.final_loss, finished_at=time.time())
+        outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.final_loss))
     except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
         log.error("subject %s failed: %s\n%s", s.subject.id, exc, traceback.format_exc())
         s.keeper.fail(exc)
