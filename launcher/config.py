@@ -387,7 +387,8 @@ class SlurmConfig(Section):
 
 class KubernetesConfig(Section):
     namespace: str = Field("default", description="Namespace of the rendered objects.")
-    flavour: Literal["indexed-job", "pytorchjob", "jobset"] = Field("indexed-job", description="Workload kind: a plain Indexed Job (no operator), a Kubeflow PyTorchJob, or a JobSet.")
+    flavour: Literal["indexed-job", "pytorchjob", "jobset", "trainjob"] = Field("indexed-job", description="Workload kind: a plain Indexed Job (no operator), a Kubeflow PyTorchJob, a JobSet, or a Kubeflow Trainer v2 TrainJob.")
+    runtime: str = Field("torch-distributed", description="ClusterTrainingRuntime a trainjob references (k8s/runtime/ has dreamfleet's).")
     queue: str | None = Field(None, description="Kueue LocalQueue name; the workload is created suspended for Kueue to admit.")
     gpus_per_pod: int = Field(0, ge=0, description="nvidia.com/gpu per pod.")
     cpu: str = Field("4", description="CPU request and limit per pod.")

@@ -47,6 +47,8 @@ CASES = {
     "indexed-job-fleet": case("indexed-job", nnodes=1, shards=3, parallelism=2, queue="team-a"),
     "pytorchjob": case("pytorchjob"),
     "jobset": case("jobset", shards=2, service_account="trainer"),
+    "trainjob": case("trainjob"),
+    "trainjob-fleet": case("trainjob", shards=2, queue="team-a", runtime="dreamfleet-torch"),
 }
 
 
@@ -95,12 +97,24 @@ def test_core_objects_validate_strictly_against_official_schemas(name):
 
     checked = 0
     for obj in objects(rendered(name)):
-        if obj["apiVersion"] in ("kubeflow.org/v1", "jobset.x-k8s.io/v1alpha2"):
+        if obj["apiVersion"] in ("kubeflow.org/v1", "jobset.x-k8s.io/v1alpha2", "trainer.kubeflow.org/v1alpha1"):
             continue
         for version in _versions():
             kubernetes_validate.validate(obj, version, strict=True)
             checked += 1
     assert checked >= 4
+
+
+def _strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields refused, as the API server prunes/rejects them."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
 
 
 def _crd_schema(file: str, version: str) -> dict:
@@ -129,6 +143,83 @@ def test_operator_objects_validate_against_their_crds(name, crd, version):
     for template in templates:
         pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": template["spec"]}
         kubernetes_validate.validate(pod, _versions()[-1], strict=True)
+
+
+@pytest.mark.parametrize("name", ["trainjob", "trainjob-fleet"])
+def test_trainjobs_validate_strictly_against_the_trainjob_crd(name):
+    import jsonschema
+    import kubernetes_validate
+
+    schema = _strict(_crd_schema("trainer.kubeflow.org_trainjobs.yaml", "v1alpha1"))
+    workloads = [o for o in objects(rendered(name)) if o["kind"] == "TrainJob"]
+    assert len(workloads) == (2 if name == "trainjob-fleet" else 1)  # a fleet: one TrainJob per shard
+    for obj in workloads:
+        jsonschema.validate(obj, schema)
+        # the trainer's env and the patched pod pieces are core types: check them strictly too
+        spec = obj["spec"]
+        pod = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        patch = pod["containers"][0]
+        core = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                "spec": {**pod, "restartPolicy": "Never", "containers": [
+                    {"name": patch["name"], "image": spec["trainer"]["image"], "command": spec["trainer"]["command"],
+                     "args": spec["trainer"]["args"], "env": spec["trainer"]["env"],
+                     "resources": spec["trainer"]["resourcesPerNode"], **patch}]}}
+        kubernetes_validate.validate(core, _versions()[-1], strict=True)
+    with pytest.raises(jsonschema.ValidationError):  # the strict schema does refuse an unknown field
+        jsonschema.validate({**workloads[0], "spec": {**workloads[0]["spec"], "bogus": 1}}, schema)
+
+
+def test_a_trainjob_fleet_is_one_trainjob_per_shard_with_its_own_rendezvous():
+    jobs = [o for o in objects(rendered("trainjob-fleet")) if o["kind"] == "TrainJob"]
+    assert [j["metadata"]["name"] for j in jobs] == ["pets-0", "pets-1"]
+    for shard, j in enumerate(jobs):
+        env = {e["name"]: e.get("value") for e in j["spec"]["trainer"]["env"]}
+        assert env["DREAMFLEET_SHARD_INDEX"] == str(shard) and env["DREAMFLEET_NUM_SHARDS"] == "2"
+        assert env["DREAMFLEET_RDZV_HOST"] == f"pets-{shard}-node-0-0.pets-{shard}"  # the torch plugin's PET_MASTER_ADDR
+        assert j["spec"]["suspend"] is True and j["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+        assert j["spec"]["runtimeRef"]["name"] == "dreamfleet-torch"
+        assert j["spec"]["trainer"]["numNodes"] == 2 and j["spec"]["trainer"]["numProcPerNode"] == 8
+        assert j["spec"]["trainer"]["args"][:2] == ["-m", "training.agent"]
+        refs = {e["valueFrom"]["secretKeyRef"]["name"] for e in j["spec"]["trainer"]["env"] if "valueFrom" in e}
+        assert refs == {"bucket-creds"}
+
+
+def test_a_trainjob_refuses_what_it_cannot_carry():
+    from launcher.errors import ConfigError
+
+    cfg = job_from_dict({**case("trainjob", priority_class="high", backoff_limit=1), "name": "9pets"})
+    with pytest.raises(ConfigError) as err:
+        k8s.render_files(cfg, list(cfg.subjects))
+    text = str(err.value)
+    assert "cluster.kubernetes.priority_class" in text and "cluster.kubernetes.backoff_limit" in text
+    assert "must start with a letter" in text
+
+
+def test_the_clustertrainingruntime_example_builds_and_its_jobset_validates():
+    import jsonschema
+
+    from conftest import require_binary
+
+    require_binary("kubectl")
+    built = subprocess.run(["kubectl", "kustomize", str(REPO / "k8s" / "runtime")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (runtime,) = list(yaml.safe_load_all(built.stdout))
+    assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and runtime["kind"] == "ClusterTrainingRuntime"
+    assert "namespace" not in runtime["metadata"] and set(runtime["spec"]) == {"mlPolicy", "template"}
+    assert runtime["spec"]["mlPolicy"] == {"numNodes": 1, "torch": {}}
+    jobset_schema = _strict(_crd_schema("jobset.x-k8s.io_jobsets.yaml", "v1alpha2"))
+    jobset = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet", "metadata": {"name": "x"},
+              "spec": runtime["spec"]["template"]["spec"]}
+    jsonschema.validate(jobset, jobset_schema)
+    (node,) = jobset["spec"]["replicatedJobs"]
+    assert node["name"] == "node"
+    assert node["template"]["metadata"]["labels"]["trainer.kubeflow.org/trainjob-ancestor-step"] == "trainer"
+    rules = node["template"]["spec"]["podFailurePolicy"]["rules"]
+    assert {r["onExitCodes"]["containerName"] for r in rules if "onExitCodes" in r} == {"node"}
+    import kubernetes_validate
+
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"}, "spec": node["template"]["spec"]["template"]["spec"]}
+    kubernetes_validate.validate(pod, _versions()[-1], strict=True)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -104,8 +104,47 @@ def test_cancel_by_name_passes_over_kinds_the_cluster_does_not_serve(tmp_path):
     proc = run_cli("cancel", "portraits-sd15", "--backend", "kubernetes", "--namespace", "team-a", env=env)
     assert proc.returncode == 0, proc.stderr
     assert 'job.batch "portraits-sd15" deleted' in proc.stdout
-    assert [line.split()[1:4] for line in calls.read_text().splitlines()] == [
-        ["job", "-n", "team-a"], ["jobset", "-n", "team-a"], ["pytorchjob", "-n", "team-a"]]
+    assert [line.split()[1:4] for line in calls.read_text().splitlines()] == [  # owners before what they own
+        ["trainjob", "-n", "team-a"], ["jobset", "-n", "team-a"], ["pytorchjob", "-n", "team-a"], ["job", "-n", "team-a"]]
+
+
+def _trainjob_kubectl(tmp_path):
+    """A kubectl for a cluster with Kubeflow Trainer v2: delete and get of trainjobs answer as the
+    real one prints them (TrainJob's printer columns: NAME, STATE, AGE); every call recorded."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    script = bin_dir / "kubectl"
+    script.write_text(f"""#!/bin/sh
+echo "$*" >> {calls}
+case "$1 $2" in
+  "delete trainjob") printf 'trainjob.trainer.kubeflow.org "portraits-sd15-0" deleted\ntrainjob.trainer.kubeflow.org "portraits-sd15-1" deleted\n' ;;
+  "get trainjob") printf 'NAME               STATE      AGE\nportraits-sd15-0   Complete   3h\nportraits-sd15-1   Suspended  3h\n' ;;
+  *) echo "error: unexpected kubectl $*" >&2; exit 1 ;;
+esac
+""")
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def test_cancel_and_status_of_a_trainjob_fleet_ask_for_trainjobs(tmp_path, monkeypatch):
+    from launcher.backends import kubernetes as k8s
+    from launcher.config import load_job
+
+    env, calls = _trainjob_kubectl(tmp_path)
+    job_dict = yaml.safe_load(open(EXAMPLE))
+    job_dict["cluster"]["kubernetes"]["flavour"] = "trainjob"
+    job_dict["cluster"]["shards"] = 2
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict))
+    proc = run_cli("cancel", str(path), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert 'trainjob.trainer.kubeflow.org "portraits-sd15-1" deleted' in proc.stdout
+    assert calls.read_text().splitlines() == [
+        "delete trainjob -n dreamfleet -l app.kubernetes.io/instance=portraits-sd15 --ignore-not-found"]
+    monkeypatch.setenv("PATH", env["PATH"])
+    assert "portraits-sd15-1   Suspended" in k8s.status(load_job(path))
+    assert calls.read_text().splitlines()[-1] == "get trainjob -n dreamfleet -l app.kubernetes.io/instance=portraits-sd15"
 
 
 def test_a_render_replaces_only_the_files_it_wrote_before(tmp_path):

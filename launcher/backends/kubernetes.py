@@ -105,10 +105,12 @@ def submit(job: JobConfig, subjects: list[Subject], out_dir: Path, dry_run: bool
     return _kubectl([*APPLY[1:], str(out_dir)], "kubectl apply")
 
 
-WORKLOAD_KINDS = {"indexed-job": "job", "jobset": "jobset", "pytorchjob": "pytorchjob"}  # by cluster.kubernetes.flavour
+WORKLOAD_KINDS = {"indexed-job": "job", "jobset": "jobset", "pytorchjob": "pytorchjob", "trainjob": "trainjob"}  # by flavour
+# by name, owners before what they own: a TrainJob's JobSet and a JobSet's Jobs go with it
+BY_NAME = ("trainjob", "jobset", "pytorchjob", "job")
 
 
-def cancel(name: str, namespace: str = "default", kinds: Collection[str] = tuple(WORKLOAD_KINDS.values())) -> str:
+def cancel(name: str, namespace: str = "default", kinds: Collection[str] = BY_NAME) -> str:
     """Delete the job's workload (its pods go with it). Kinds the cluster does not serve (no
     JobSet or Kubeflow operator installed) are passed over, not an error."""
     said = []
@@ -125,6 +127,14 @@ def cancel(name: str, namespace: str = "default", kinds: Collection[str] = tuple
 def cancel_job(job: JobConfig) -> str:
     k = job.cluster.kubernetes
     return cancel(job.name, k.namespace, [WORKLOAD_KINDS[k.flavour]])
+
+
+def status(job: JobConfig) -> str:
+    """kubectl's view of the job's workload of its flavour's kind (a fleet's TrainJobs, one per
+    shard); the subjects' own states are in the ledger (`launcher status`)."""
+    k = job.cluster.kubernetes
+    return _kubectl(["get", WORKLOAD_KINDS[k.flavour], "-n", k.namespace, "-l", f"app.kubernetes.io/instance={job.name}"],
+                    "kubectl get")
 
 
 def logs(job: JobConfig, job_id: str | None = None, lines: int = 50) -> str:

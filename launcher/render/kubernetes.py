@@ -8,6 +8,7 @@ Flavours:
   and the shard index is the completion index.
 - `pytorchjob`: Kubeflow's PyTorchJob (kubeflow.org/v1), Master + Workers.
 - `jobset`: a JobSet (jobset.x-k8s.io/v1alpha2): one replicated Job per shard, nnodes pods each.
+- `trainjob`: Kubeflow Trainer v2 TrainJobs, one per shard (launcher/render/trainjob.py).
 
 Credentials are only referenced (a Secret by name, or a service account); the job file and the
 shard plan travel in a ConfigMap: as text, or gzipped (`job.yaml.gz`, `plan.json.gz` in
@@ -271,4 +272,9 @@ FLAVOURS = {"indexed-job": indexed_job, "pytorchjob": pytorchjob, "jobset": jobs
 def render_manifests(job: JobConfig, plan: Plan, job_yaml: str, plan_json: str) -> list[dict]:
     """Every object to apply, in apply order: the job file's ConfigMap first."""
     files = job_files(job_yaml, plan_json)
-    return [configmap(job, files), network_policy(job)] + FLAVOURS[job.cluster.kubernetes.flavour](job, plan, files)
+    flavour = job.cluster.kubernetes.flavour
+    if flavour == "trainjob":
+        from launcher.render.trainjob import trainjob as workload  # built on this module's pod pieces
+    else:
+        workload = FLAVOURS[flavour]
+    return [configmap(job, files), network_policy(job)] + workload(job, plan, files)
