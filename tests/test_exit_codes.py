@@ -189,3 +189,34 @@ def test_sigterm_to_local_submit_checkpoints_and_leaves_no_process(tmp_path, tin
     assert _processes_mentioning(str(rendered / "job.yaml")) == []
     status = json.loads(status_path.read_text())
     assert status["state"] == "pending", status
+
+
+# ------------------------------------------------------------------ messages, not tracebacks
+
+
+def test_a_bad_image_under_no_inputs_is_one_line_and_an_unreachable_bucket_exits_2(tmp_path, tiny_model,
+                                                                                  subjects_root):
+    import shutil
+    import socket
+
+    from conftest import run_cli
+
+    images = tmp_path / "imgs"
+    shutil.copytree(subjects_root / "subject-0", images)
+    (images / "bad.png").write_bytes(b"this is not a png")
+    subject = {"id": "s0", "images": str(images), "instance_prompt": "a photo of sks thing"}
+    job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, [subject], tmp_path / "out"))
+    proc = run_cli("submit", str(job), "--backend", "local", "--no-inputs", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count(f"subject s0 failed: {images / 'bad.png'} is not an image") == 1, proc.stderr[-3000:]
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    job = write_job(tmp_path / "s3.yaml", job_dict(tiny_model, [subject_entry(subjects_root, 0)], "s3://nowhere/out"))
+    env = {"DREAMFLEET_S3_ENDPOINT": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s",
+           "DREAMFLEET_STORAGE_BACKOFF_S": "0.05"}
+    proc = run_cli("submit", str(job), "--backend", "local", "--out", str(tmp_path / "r3"), env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Could not connect to the endpoint" in proc.stderr, proc.stderr[-3000:]

@@ -33,7 +33,6 @@ import os
 import shutil
 import tempfile
 import time
-import traceback
 from datetime import timedelta
 from pathlib import Path
 
@@ -47,7 +46,7 @@ from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease
 from training.checkpoint import ENGINE
 from training.env import Preemption, WorkerEnv
-from training.failures import is_fatal
+from training.failures import is_fatal, log_failure
 from training.lease import Outcome
 from training.loop import diffusion_loss, prepare_subject, subject_seed
 from training.optim import build_lr_scheduler, build_optimizer
@@ -226,7 +225,7 @@ def _run_subject(job, env, preemption, worker: Worker, accelerator, subject: Sub
     try:
         result = _train(job, env, preemption, worker, accelerator, subject, class_images, steps, keeper)
     except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
-        log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
+        log_failure(log, subject.id, exc)
         if keeper:
             keeper.fail(exc)
         if is_fatal(exc):

@@ -34,3 +34,14 @@ def one_line(exc: BaseException, limit: int = 2000) -> str:
     at = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
     text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return (text[: max(0, limit - len(at))] + at) if len(text) + len(at) > limit else text + at
+
+
+def log_failure(log, subject_id: str, exc: BaseException) -> None:
+    """One line for a user's mistake (a bad image, a missing file); the traceback as well for
+    anything else, where it is what a bug report needs."""
+    from launcher.errors import UserError
+
+    if isinstance(exc, UserError):
+        log.error("subject %s failed: %s", subject_id, exc)
+    else:
+        log.error("subject %s failed: %s", subject_id, one_line(exc), exc_info=exc)

@@ -19,7 +19,6 @@ import json
 import logging
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from launcher.errors import ConfigError
 from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease, packed
 from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
-from training.failures import is_fatal
+from training.failures import is_fatal, log_failure
 from training.lease import Outcome, StatusKeeper
 from training.runner import Worker
 
@@ -238,7 +237,7 @@ def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
                                False)
         s = trainer.open(slot, subject, data)
     except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
-        log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
+        log_failure(log, subject.id, exc)
         keeper.fail(exc)
         keeper.stop()
         outcomes.append(Outcome(subject.id, "failed", str(exc)))
@@ -297,7 +296,7 @@ def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outco
         s.keeper.update(state="done", step=s.step, final_loss=s.final_loss, finished_at=time.time())
         outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.final_loss))
     except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
-        log.error("subject %s failed: %s\n%s", s.subject.id, exc, traceback.format_exc())
+        log_failure(log, s.subject.id, exc)
         s.keeper.fail(exc)
         outcomes.append(Outcome(s.subject.id, "failed", str(exc)))
         if is_fatal(exc):

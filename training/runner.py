@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
@@ -96,7 +95,7 @@ class Worker:
                 keeper.update(state="done", step=result.step, final_loss=result.final_loss, finished_at=time.time())
                 return Outcome(subject.id, "done", f"{result.step} steps", result.final_loss)
             except Exception as exc:  # any failure is this subject's alone, unless the process is unusable
-                log.error("subject %s failed: %s\n%s", subject.id, exc, traceback.format_exc())
+                failures.log_failure(log, subject.id, exc)
                 keeper.fail(exc)
                 if failures.is_fatal(exc):
                     raise
