@@ -70,7 +70,8 @@ def test_duplicate_ids_and_config_errors_are_messages(tmp_path, broken):
     _expect_user_error(run_cli("validate", str(job)), "duplicate subject ids: dog")
     _expect_user_error(run_cli("validate", str(job), "train.steps=0"), "train.steps")
     _expect_user_error(run_cli("validate", str(tmp_path / "missing.yaml")), "does not exist")
-    _expect_user_error(run_cli("submit", str(job), "--backend", "nomad"), "duplicate subject ids")
+    _expect_user_error(run_cli("submit", str(job), "--backend", "local"), "duplicate subject ids")
+    _expect_user_error(run_cli("submit", str(job), "--backend", "nomad"), "'nomad' is not a backend")  # checked first
 
 
 def test_missing_model_and_folder(tmp_path):
