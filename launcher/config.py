@@ -161,7 +161,7 @@ class ModelConfig(Section):
     source: Annotated[str, AfterValidator(location)] = Field(description="Diffusers-layout model: a local path, an fsspec URI (s3://, gs://, az://) or a Hub repo id.")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when source is a Hub repo id.")
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16' for *.fp16.safetensors.")
-    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder on GPU; 'auto' is bf16 where supported, else fp16; always fp32 on CPU.")
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder; 'auto' is bf16 on a GPU where supported, else fp16, and fp32 on a CPU; an explicit value applies on every device.")
     cache_dir: str | None = Field(None, description="Node-local staging cache for remote models (local NVMe, an emptyDir); default ~/.cache/dreamfleet/models.")
 
 
@@ -250,7 +250,7 @@ class TrainConfig(Section):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm; 0 disables clipping.")
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="Autocast dtype on GPU; 'auto' is bf16 where supported. CPU always trains in fp32.")
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = Field("auto", description="Autocast dtype of the forward; 'auto' is bf16 on a GPU where supported, else fp16, and fp32 (no autocast) on a CPU; an explicit value applies on every device. Adapters and optimizer state stay fp32.")
     seed: int = Field(0, description="Base seed; each subject's seed derives from it and the subject id.")
     resolution: int = Field(512, ge=8, description="Training image side in pixels (images are resized and cropped to a square).")
     center_crop: bool = Field(True, description="Center-crop after resizing (else a seeded random crop).")

@@ -1,9 +1,10 @@
 """Load a Stable Diffusion model component by component and freeze it.
 
 Each of unet, vae, text_encoder, tokenizer and scheduler is loaded with
-`from_pretrained(path, subfolder=...)`. Base weights are frozen; on GPU the frozen VAE and text
-encoder are cast to half precision, while the UNet stays fp32 so that adapter weights and their
-optimizer state stay fp32 (autocast runs the forward in half precision).
+`from_pretrained(path, subfolder=...)`. Base weights are frozen; the frozen VAE and text encoder
+are loaded in `model.dtype` (training.precision: half precision on GPU under `auto`, and on any
+device when named), while the UNet stays fp32 so that adapter weights and their optimizer state
+stay fp32 (autocast runs the forward in half precision).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from launcher.config import ModelConfig
 from launcher.validate import COMPONENTS
+from training.precision import dtype_of
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +41,8 @@ class Components:
 
 
 def frozen_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    if device.type != "cuda":
-        return torch.float32
-    if cfg.dtype == "fp32":
-        return torch.float32
-    if cfg.dtype == "fp16":
-        return torch.float16
-    if cfg.dtype == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16
+    """The dtype of the frozen VAE and text encoder (training.precision's rule)."""
+    return dtype_of(cfg.dtype, device)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -24,7 +23,8 @@ from training import adapters, checkpoint
 from training.components import Components
 from training.data import LatentCache, encode_latents, encode_prompts, load_images, tokenize
 from training.env import Preemption
-from training.optim import autocast_dtype, build_lr_scheduler, build_optimizer
+from training.optim import build_lr_scheduler, build_optimizer
+from training.precision import resolve
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,12 @@ class Stepper:
         self.max_grad_norm = job.train.max_grad_norm
         self.optimizer = build_optimizer(groups, job.train, device)
         self.lr_scheduler = build_lr_scheduler(self.optimizer, job.train, total_steps)
-        self.amp_dtype = autocast_dtype(job.train, device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.precision = resolve(job.train, job.model, device)
+        self.scaler = self.precision.grad_scaler()
         self.device = device
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return self.precision.autocast()
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -29,14 +29,3 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total
 
     return get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
                          num_training_steps=total_steps)
-
-
-def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype on GPU, or None for fp32 (always on CPU)."""
-    if device.type != "cuda" or cfg.mixed_precision == "no":
-        return None
-    if cfg.mixed_precision == "fp16":
-        return torch.float16
-    if cfg.mixed_precision == "bf16" or torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float16

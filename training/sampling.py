@@ -1,4 +1,8 @@
-"""Image generation with the loaded components: validation samples and prior class images."""
+"""Image generation with the loaded components: validation samples and prior class images.
+
+The UNet is fp32 while the VAE and text encoder may be in half precision (training.precision),
+so generation runs under autocast to the half dtype: the pipeline would otherwise feed the text
+encoder's bf16/fp16 embeddings to the fp32 UNet, and the UNet's fp32 latents to the VAE."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from pathlib import Path
 import torch
 
 from training.components import Components
+from training.precision import inference_autocast
 
 
 def pipeline(c: Components):
@@ -30,8 +35,9 @@ def generate(c: Components, prompts: list[str], resolution: int, steps: int, gui
     images = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator("cpu").manual_seed(seed + i)
-        out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                   guidance_scale=guidance, generator=gen, output_type="pil")
+        with inference_autocast(c.unet, c.vae, c.text_encoder):
+            out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                       guidance_scale=guidance, generator=gen, output_type="pil")
         images.append(out.images[0])
     return images
 

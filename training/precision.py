@@ -1,0 +1,87 @@
+"""The one place that decides a run's precision on its device: the dtype of the frozen VAE and
+text encoder (`model.dtype`), the autocast dtype of the forward (`train.mixed_precision`), and
+whether fp16 gradients go through a GradScaler. Every loop, the priors, the samples and the
+data-parallel engine ask `resolve`; nothing else looks at the device to choose a dtype.
+
+The rule, the same for both settings:
+
+- `auto` is the device's usual choice: on a GPU bf16 where it is supported, else fp16; on a CPU
+  fp32 (no autocast), which is what CPU kernels run fastest on most processors.
+- An explicit value is honoured on every device: `bf16` and `fp16` run the GPU's precision path
+  on a CPU as well (CPU autocast supports both), and `no` / `fp32` keep fp32 on a GPU.
+
+So the path a GPU takes can be run, and tested, on a CPU by naming the dtype
+(`model.dtype: bf16`, `train.mixed_precision: bf16`), and a job written for a GPU cluster asks
+for the same arithmetic wherever it runs. Whatever the setting, the UNet's base weights, every
+adapter weight and all optimizer state stay fp32: autocast runs the forward in half precision,
+and the adapters update in fp32.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from launcher.config import ModelConfig, TrainConfig
+
+DTYPES = {"fp32": torch.float32, "no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _auto(device: torch.device) -> torch.dtype:
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def dtype_of(value: str, device: torch.device) -> torch.dtype:
+    """A precision setting ('auto', 'no', 'fp32', 'bf16', 'fp16') as a dtype on `device`."""
+    return _auto(device) if value == "auto" else DTYPES[value]
+
+
+@dataclass(frozen=True)
+class Precision:
+    """What `resolve` decided for one device."""
+
+    device_type: str
+    frozen: torch.dtype  # the VAE and text encoder weights
+    compute: torch.dtype  # the autocast dtype of the forward; fp32 means no autocast
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return None if self.compute == torch.float32 else self.compute
+
+    @property
+    def uses_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has fp32's exponent range."""
+        return self.compute == torch.float16
+
+    @property
+    def accelerate(self) -> str:
+        """The `mixed_precision` argument of accelerate's Accelerator."""
+        return {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.compute]
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        return torch.amp.GradScaler(self.device_type) if self.uses_scaler else None
+
+
+def resolve(train: TrainConfig, model: ModelConfig, device: torch.device) -> Precision:
+    return Precision(device.type, dtype_of(model.dtype, device), dtype_of(train.mixed_precision, device))
+
+
+def inference_autocast(*modules: torch.nn.Module):
+    """Autocast for running frozen parts of different dtypes together (a pipeline over an fp32
+    UNet and a half-precision VAE and text encoder): every matmul and convolution then takes
+    inputs of one dtype, the lowest of the modules'. Nothing when they all share one dtype."""
+    dtypes = {next(m.parameters()).dtype for m in modules}
+    half = [d for d in (torch.float16, torch.bfloat16) if d in dtypes]
+    if len(dtypes) == 1 or not half:
+        return nullcontext()
+    device = next(modules[0].parameters()).device
+    return torch.autocast(device.type, dtype=half[0])
