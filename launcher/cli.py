@@ -140,14 +140,20 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
            dry_run: bool = typer.Option(False, "--dry-run", help="Print exactly what would be submitted, submit nothing."),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where rendered files go (default .dreamfleet/<job>/<backend>)."),
            inputs: bool = typer.Option(True, "--inputs/--no-inputs", help=INPUTS_HELP),
-           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record subjects with bad inputs as failed (with the reason) and go on with the rest.")):
+           skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Record subjects with bad inputs as failed (with the reason) and go on with the rest."),
+           force_new: bool = typer.Option(False, "--force-new", help="The output was trained with other settings: train every subject again under these (docs/fleet.md).")):
     """Render and submit a job; the local backend trains in the foreground."""
     from launcher.backends import get_backend
     from launcher.errors import InputError
     from launcher.validate import check_job, container_notes
 
+    from launcher import fingerprint
+
     job, subjects = _load(job_file, overrides)
     name = backend or job.cluster.backend
+    done = fingerprint.check(job, force_new=force_new, record=not dry_run)
+    if done.startswith(("started over", "would start over")):
+        typer.secho(f"note: {done}; every subject trains again", fg=typer.colors.YELLOW, err=True)
     settled = _settled(job, subjects) if inputs or skip_invalid else {}
     if skip_invalid:
         from launcher.fleet import record_invalid

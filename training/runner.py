@@ -39,6 +39,9 @@ class Worker:
         """Load the base, generate or reuse class images (before adapters exist), attach adapters."""
         job = self.job
         if self.env.is_main:
+            from launcher import fingerprint
+
+            fingerprint.check(job)  # a job file run by hand with changed settings stops here (exit 2)
             storage.write_text(storage.join(self.job_uri, "job.yaml"), dump_job(job))
         self.c = load_components(job.model, self.device)
         cpu_attention.install(self.c.unet, "sdpa" if job.train.compile else job.train.attention)
