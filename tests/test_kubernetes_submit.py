@@ -72,22 +72,25 @@ def test_submit_runs_kubectl_apply_k_and_reports_its_error(tmp_path):
     assert "kubectl apply failed" in proc.stderr and "connection refused" in proc.stderr
 
 
-def _recording_kubectl(tmp_path):
-    """A kubectl for a cluster without the JobSet and Kubeflow operators: its `delete` answers as
-    the real one does there (error text as kubectl prints it), and records every call."""
+def _fake_kubectl(tmp_path, cases: str):
+    """A kubectl that records every call and answers with the shell `case` arms given."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls"
     script = bin_dir / "kubectl"
-    script.write_text(f"""#!/bin/sh
-echo "$*" >> {calls}
-case "$2" in
+    script.write_text(f"#!/bin/sh\necho \"$*\" >> {calls}\n{cases}")
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def _recording_kubectl(tmp_path):
+    """A kubectl for a cluster without the JobSet and Kubeflow operators: its `delete` answers as
+    the real one does there (error text as kubectl prints it), and records every call."""
+    return _fake_kubectl(tmp_path, """case "$2" in
   job) echo 'job.batch "portraits-sd15" deleted' ;;
   *) echo "error: the server doesn't have a resource type \\"$2\\"" >&2; exit 1 ;;
 esac
 """)
-    script.chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
 
 
 def test_cancel_by_job_file_deletes_its_workload_in_its_namespace(tmp_path):
@@ -111,20 +114,12 @@ def test_cancel_by_name_passes_over_kinds_the_cluster_does_not_serve(tmp_path):
 def _trainjob_kubectl(tmp_path):
     """A kubectl for a cluster with Kubeflow Trainer v2: delete and get of trainjobs answer as the
     real one prints them (TrainJob's printer columns: NAME, STATE, AGE); every call recorded."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    calls = tmp_path / "calls"
-    script = bin_dir / "kubectl"
-    script.write_text(f"""#!/bin/sh
-echo "$*" >> {calls}
-case "$1 $2" in
-  "delete trainjob") printf 'trainjob.trainer.kubeflow.org "portraits-sd15-0" deleted\ntrainjob.trainer.kubeflow.org "portraits-sd15-1" deleted\n' ;;
-  "get trainjob") printf 'NAME               STATE      AGE\nportraits-sd15-0   Complete   3h\nportraits-sd15-1   Suspended  3h\n' ;;
+    return _fake_kubectl(tmp_path, """case "$1 $2" in
+  "delete trainjob") printf 'trainjob.trainer.kubeflow.org "portraits-sd15-0" deleted\\ntrainjob.trainer.kubeflow.org "portraits-sd15-1" deleted\\n' ;;
+  "get trainjob") printf 'NAME               STATE      AGE\\nportraits-sd15-0   Complete   3h\\nportraits-sd15-1   Suspended  3h\\n' ;;
   *) echo "error: unexpected kubectl $*" >&2; exit 1 ;;
 esac
 """)
-    script.chmod(0o755)
-    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
 
 
 def test_cancel_and_status_of_a_trainjob_fleet_ask_for_trainjobs(tmp_path, monkeypatch):
