@@ -154,3 +154,12 @@ def test_a_failing_subject_is_recorded_and_never_marked_done(tmp_path, tiny_mode
     assert json.loads((tmp_path / "summary.json").read_text()) == [
         {"subject": "bad", "state": "skipped", "detail": "failed 2 times (max_attempts=2)", "final_loss": None},
         {"subject": "s0", "state": "skipped", "detail": "already done", "final_loss": None}]
+
+
+def test_no_images_names_where_it_looked(tmp_path):
+    from launcher.config import TrainConfig
+    from launcher.errors import InputError
+    from training.data import load_images
+
+    with pytest.raises(InputError, match=f"no images to train on in {tmp_path / 'empty'} \\(image files end in .png"):
+        load_images([], TrainConfig(), source=str(tmp_path / "empty"))

@@ -78,9 +78,15 @@ def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generato
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None,
+                source: str = "") -> torch.Tensor:
+    """The images as one tensor; `source` (a folder or a list, as the job names it) is what an
+    empty result names."""
     if not uris:
-        raise InputError("no images to train on")
+        from launcher.subjects import IMAGE_SUFFIXES
+
+        where = f" in {storage.redact(source)}" if source else ""
+        raise InputError(f"no images to train on{where} (image files end in {', '.join(IMAGE_SUFFIXES)})")
     tensors = [to_tensor(decode_image(storage.read_bytes(u), storage.redact(u)), cfg.resolution, cfg.center_crop, generator)
                for u in uris]
     return torch.stack(tensors)
