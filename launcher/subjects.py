@@ -8,6 +8,7 @@ and returns a problem list per subject id, so that all problems are reported at 
 from __future__ import annotations
 
 import io
+import logging
 import re
 
 from launcher import storage
@@ -15,7 +16,10 @@ from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError, InputError, StorageError
 from launcher.manifest import load_manifest, where
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+log = logging.getLogger(__name__)
+
+# the one list for folders and explicit lists alike (GIF: its first frame)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 def resolve_subjects(job: JobConfig) -> list[Subject]:
@@ -32,7 +36,13 @@ def image_uris(subject: Subject) -> list[str]:
     if isinstance(subject.images, list):
         return list(subject.images)
     folder = subject.images
-    return [storage.join(folder, name) for name in storage.list_names(folder) if name.lower().endswith(IMAGE_SUFFIXES)]
+    names = storage.list_names(folder)
+    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    if skipped:
+        shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+        log.warning("subject %s: %d file(s) in %s skipped, not images (%s): %s", subject.id, len(skipped),
+                    storage.redact(folder), ", ".join(IMAGE_SUFFIXES), shown)
+    return [storage.join(folder, name) for name in names if name.lower().endswith(IMAGE_SUFFIXES)]
 
 
 _BOMB_PIXELS = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")

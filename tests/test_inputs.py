@@ -103,6 +103,28 @@ def test_rgba_grayscale_and_exif_rotated_images_train(tmp_path, tiny_model):
     assert status["state"] == "done"
 
 
+def test_high_depth_images_keep_their_tones_and_a_folder_reports_what_it_skips(tmp_path, caplog):
+    import numpy as np
+
+    from launcher.config import Subject
+    from launcher.subjects import image_uris
+    from training.data import decode_image
+
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    Image.fromarray(np.full((32, 32), 32768, dtype=np.uint16)).save(folder / "gray16.png")  # mid-gray, 16-bit
+    Image.fromarray(np.full((32, 32), 0.25, dtype=np.float32), mode="F").save(folder / "float.tif")
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "anim.gif")
+    (folder / "notes.txt").write_text("not an image")
+    for name, expected in (("gray16.png", 127.5), ("float.tif", 63.75)):
+        mean = float(np.asarray(decode_image((folder / name).read_bytes(), name)).mean())
+        assert abs(mean - expected) < 1, (name, mean)  # was 254.5: the 16-bit values clipped to white
+    with caplog.at_level("WARNING"):
+        uris = image_uris(Subject(id="deep", images=str(folder), instance_prompt="p"))
+    assert sorted(u.rsplit("/", 1)[-1] for u in uris) == ["anim.gif", "float.tif", "gray16.png"]
+    assert "1 file(s) in" in caplog.text and "notes.txt" in caplog.text
+
+
 def test_a_failing_subject_is_recorded_and_never_marked_done(tmp_path, tiny_model, subjects_root):
     """The worker does not trust validation: a corrupt image found at training time fails that
     subject (with the reason) and the others still train."""
@@ -132,3 +154,12 @@ def test_a_failing_subject_is_recorded_and_never_marked_done(tmp_path, tiny_mode
     assert json.loads((tmp_path / "summary.json").read_text()) == [
         {"subject": "bad", "state": "skipped", "detail": "failed 2 times (max_attempts=2)", "final_loss": None},
         {"subject": "s0", "state": "skipped", "detail": "already done", "final_loss": None}]
+
+
+def test_no_images_names_where_it_looked(tmp_path):
+    from launcher.config import TrainConfig
+    from launcher.errors import InputError
+    from training.data import load_images
+
+    with pytest.raises(InputError, match=f"no images to train on in {tmp_path / 'empty'} \\(image files end in .png"):
+        load_images([], TrainConfig(), source=str(tmp_path / "empty"))

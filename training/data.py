@@ -20,6 +20,25 @@ from launcher.errors import InputError
 from launcher.subjects import too_large
 
 
+def _to_8_bit(img):
+    """High-depth grayscale (16-bit PNG as I;16, 32-bit I, float F) scaled into 0..255: PIL's
+    own convert("RGB") clips them, so a 16-bit photo would train as an almost white image."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    import numpy as np
+    from PIL import Image
+
+    values = np.asarray(img, dtype=np.float64)
+    peak = float(values.max()) if values.size else 0.0
+    if img.mode.startswith("I;16") or 255 < peak <= 65535:
+        values = values / 257.0
+    elif img.mode == "F" and peak <= 1.0:
+        values = values * 255.0
+    elif peak > 65535:
+        values = values * (255.0 / peak)
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), mode="L")
+
+
 def decode_image(data: bytes, name: str):
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -33,6 +52,7 @@ def decode_image(data: bytes, name: str):
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{name} cannot be decoded ({exc})") from None
     img = ImageOps.exif_transpose(img)
+    img = _to_8_bit(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -58,9 +78,15 @@ def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generato
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None,
+                source: str = "") -> torch.Tensor:
+    """The images as one tensor; `source` (a folder or a list, as the job names it) is what an
+    empty result names."""
     if not uris:
-        raise InputError("no images to train on")
+        from launcher.subjects import IMAGE_SUFFIXES
+
+        where = f" in {storage.redact(source)}" if source else ""
+        raise InputError(f"no images to train on{where} (image files end in {', '.join(IMAGE_SUFFIXES)})")
     tensors = [to_tensor(decode_image(storage.read_bytes(u), storage.redact(u)), cfg.resolution, cfg.center_crop, generator)
                for u in uris]
     return torch.stack(tensors)

@@ -49,7 +49,8 @@ def prepare_subject(c: Components, job: JobConfig, subject: Subject, image_uris:
                     class_image_uris: list[str] | None, train_text_encoder: bool) -> SubjectData:
     t = job.train
     gen = torch.Generator("cpu").manual_seed(subject_seed(t.seed, subject.id))
-    instance = encode_latents(c.vae, load_images(image_uris, t, gen), c.device, t.random_flip)
+    source = subject.images if isinstance(subject.images, str) else ", ".join(subject.images)
+    instance = encode_latents(c.vae, load_images(image_uris, t, gen, source), c.device, t.random_flip)
     instance_ids = tokenize(c.tokenizer, [subject.instance_prompt])
     data = SubjectData(instance, instance_ids, None)
     if class_image_uris:
