@@ -7,7 +7,9 @@ The settings are those that change a trained adapter: the model, the adapter, th
 hyper-parameters, prior preservation. Those that change only how or how fast it is trained, or
 what is logged beside it (IGNORED), are left out, so a resubmit with `train.pack=8` or a
 finer `train.log_every` goes on where the last one stopped. Subjects are not part of it: adding
-subjects to a job is what resubmitting is for.
+subjects to a job is what resubmitting is for. The batch counts as the global batch (per-rank
+batch x accumulation x data-parallel ranks), so a run resumed with another layout of the same
+batch goes on.
 
 On a difference, `launcher submit` refuses and lists it. `--force-new` starts the job over
 under the new settings in the same output: the old fingerprint and job file are kept under
@@ -46,6 +48,10 @@ def settings(job) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for section in SECTIONS:
         _flatten(section, data.get(section), out)
+    # what a step sees is the global batch: 2 DDP ranks of batch 1 train as 1 process of batch 2
+    d = job.distributed
+    ranks = d.nnodes * d.nproc_per_node if d.strategy in ("ddp", "deepspeed") else 1
+    out["train.global_batch"] = out.pop("train.batch_size") * out.pop("train.gradient_accumulation") * ranks
     return dict(sorted(out.items()))
 
 
