@@ -153,7 +153,8 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
     name = backend or job.cluster.backend
     # only --force-new writes here: the workers record the fingerprint (the output may be writable
     # by the workers' user alone, as a container's non-root user)
-    done = fingerprint.check(job, force_new=force_new, record=force_new and not dry_run)
+    done = fingerprint.check(job, force_new=force_new, record=force_new and not dry_run) \
+        if inputs or force_new else "not read (--no-inputs)"
     if done.startswith(("started over", "would start over")):
         typer.secho(f"note: {done}; every subject trains again", fg=typer.colors.YELLOW, err=True)
     settled = _settled(job, subjects) if inputs or skip_invalid else {}

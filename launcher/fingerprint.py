@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from typing import Any
 
 from launcher import ledger, storage
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
 
 FILE = "fingerprint.json"
 SECTIONS = ("model", "adapter", "train", "prior")
@@ -76,7 +79,15 @@ def check(job, force_new: bool = False, record: bool = True) -> str:
     as the module docstring says). `record=False` (a dry run) checks and writes nothing.
     Returns what was done, for the log."""
     now = settings(job)
-    stored = read(job.job_uri)
+    if not record:  # the launcher's look before submitting: the workers check again before training
+        try:
+            stored = read(job.job_uri)
+        except (OSError, StorageError) as exc:
+            log.warning("cannot read %s (%s); the workers compare the settings before they train",
+                        storage.redact(storage.join(job.job_uri, FILE)), exc)
+            return "unreadable"
+    else:
+        stored = read(job.job_uri)
     if stored is None:
         if not record:
             return "nothing recorded yet"
