@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+# The worker's exit codes, which the schedulers act on (the sbatch script requeues on 75; the
+# Kubernetes podFailurePolicy ignores 75 and fails the index on 2). training.agent passes them on.
+EXIT_USER_ERROR = 2  # a user error before or outside training: retrying cannot help
+EXIT_PREEMPTED = 75  # stopped on request after checkpointing: requeue me
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad job file, missing input, unreachable bucket).

@@ -79,15 +79,15 @@ def check(job, force_new: bool = False, record: bool = True) -> str:
     as the module docstring says). `record=False` (a dry run) checks and writes nothing.
     Returns what was done, for the log."""
     now = settings(job)
-    if not record:  # the launcher's look before submitting: the workers check again before training
-        try:
-            stored = read(job.job_uri)
-        except (OSError, StorageError) as exc:
-            log.warning("cannot read %s (%s); the workers compare the settings before they train",
-                        storage.redact(storage.join(job.job_uri, FILE)), exc)
-            return "unreadable"
-    else:
+    try:
         stored = read(job.job_uri)
+    except (OSError, StorageError) as exc:
+        if record:
+            raise
+        # the launcher's look before submitting: the workers compare again before they train
+        log.warning("cannot read %s (%s); the workers compare the settings before they train",
+                    storage.redact(storage.join(job.job_uri, FILE)), exc)
+        return "unreadable"
     if stored is None:
         if not record:
             return "nothing recorded yet"

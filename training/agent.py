@@ -28,9 +28,8 @@ import os
 import signal
 import sys
 
-from training.env import EXIT_PREEMPTED
+from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR
 
-EXIT_USER_ERROR = 2
 # what torchrun still handles itself (its default list less TERM and INT, which are ours)
 TORCHRUN_SIGNALS = "SIGHUP,SIGQUIT"
 
@@ -68,10 +67,15 @@ def _on_signal(signum: int, _frame) -> None:
             pass
 
 
+def shell_code(code: int) -> int:
+    """A process's exit code as a shell reports it: Popen's -N (killed by signal N) is 128 + N."""
+    return 128 - code if code < 0 else code
+
+
 def exit_code(failures: dict[int, int]) -> int:
     """The agent's exit code from {global rank: worker exit code} of the failed workers, in the
-    order they failed. Negative codes (killed by a signal, as Popen reports them) become 128 + N."""
-    codes = [128 - code if code < 0 else code for code in failures.values()]
+    order they failed."""
+    codes = [shell_code(code) for code in failures.values()]
     if not codes:
         return 0
     if EXIT_PREEMPTED in codes:
@@ -109,12 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except ChildFailedError as exc:
         ordered = sorted(exc.failures.items(), key=lambda item: item[1].timestamp)
-        failures = {rank: failure.exitcode for rank, failure in ordered}
+        failures = {rank: shell_code(failure.exitcode) for rank, failure in ordered}
         code = exit_code(failures)
         for rank, worker_code in failures.items():
-            shown = 128 - worker_code if worker_code < 0 else worker_code
-            print(f"dreamfleet agent: worker rank {rank} exited {shown} ({_describe(shown)}); its log is above",
-                  file=sys.stderr)
+            print(f"dreamfleet agent: worker rank {rank} exited {worker_code} ({_describe(worker_code)}); its log is "
+                  "above", file=sys.stderr)
         print(f"dreamfleet agent: exiting {code}", file=sys.stderr)
         return code
     return 0

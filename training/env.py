@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from typing import Mapping
 
+from launcher.errors import EXIT_PREEMPTED  # noqa: F401 - the worker's "requeue me", where the loops look for it
+
 # SIGUSR1: Slurm's warning before the time limit; SIGTERM: Kubernetes, scancel, torchrun
 # shutting down; SIGINT: Ctrl-C locally (a second Ctrl-C interrupts at once).
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
@@ -106,6 +108,3 @@ class Preemption:
     def requested(self) -> bool:
         return self._event.is_set()
 
-
-# exit code of a worker that stopped on request after checkpointing: the job should requeue
-EXIT_PREEMPTED = 75

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from launcher.errors import UserError
+from launcher.errors import EXIT_USER_ERROR, UserError
 
 
 def _setup_logging(rank: int) -> None:
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         env = WorkerEnv.from_environ()
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     _setup_logging(env.rank)
     log = logging.getLogger("dreamfleet.worker")
     preemption = Preemption().install()
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             outcomes += run_strategy(job, env, preemption, mine)
     except UserError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_USER_ERROR
     for o in outcomes:
         log.info("subject %s: %s %s", o.subject, o.state, o.detail)
     if args.summary:

@@ -25,15 +25,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from launcher.config import JobConfig, KubernetesConfig
-from launcher.errors import ConfigError
+from launcher.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, ConfigError
 from launcher.plan import Plan
 from launcher.render import AGENT_MODULE
 
 JOB_MOUNT = "/etc/dreamfleet"
 CACHE_MOUNT = "/cache"
 RDZV_PORT = 29500
-EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 75
 UID = 10001  # the worker image's non-root user
 CONFIGMAP_LIMIT = 1024 * 1024  # bytes of data a ConfigMap may hold (Kubernetes' validation)
 PLAIN_LIMIT = 256 * 1024  # larger job files and plans are gzipped
