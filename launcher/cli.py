@@ -171,7 +171,7 @@ def submit(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesAr
 
         inputs = False
         errors, notes = check_job(job, check_inputs=False)
-        errors += check_model(job.model.source)
+        errors += check_model(job)
     else:
         errors, notes = check_job(job, check_inputs=inputs and name == "local")
     for note in notes + container_notes(job, name):

@@ -163,6 +163,8 @@ class ModelConfig(Section):
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16' for *.fp16.safetensors.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder; 'auto' is bf16 on a GPU where supported, else fp16, and fp32 on a CPU; an explicit value applies on every device.")
     cache_dir: str | None = Field(None, description="Node-local staging cache for remote models (local NVMe, an emptyDir); default ~/.cache/dreamfleet/models.")
+    family: Literal["auto", "sd", "sdxl"] = Field("auto", description="Model family: 'auto' detects it from the model's own files (model_index.json, the UNet's config); 'sd' (1.x/2.x) or 'sdxl' where they cannot be read before the download (a Hub id).")
+    vae: Annotated[str, AfterValidator(location)] | None = Field(None, description="A separate VAE to load instead of the model's own (e.g. SDXL's fp16-fixed VAE): a folder holding the VAE's config.json (or a vae/ subfolder), a URI or a Hub repo id.")
 
 
 # --------------------------------------------------------------------------- adapters
@@ -213,15 +215,18 @@ AdapterSpec = Annotated[Union[LoraSpec, LohaSpec, LokrSpec], Field(discriminator
 
 
 class LoraAdapter(LoraSpec):
-    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the text encoder, with its own type, rank, alpha and targets.")
+    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the (first) text encoder, with its own type, rank, alpha and targets.")
+    text_encoder_2: AdapterSpec | None = Field(None, description="Optional adapter on the second text encoder (SDXL's OpenCLIP encoder), with its own type, rank, alpha and targets.")
 
 
 class LohaAdapter(LohaSpec):
-    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the text encoder, with its own type, rank, alpha and targets.")
+    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the (first) text encoder, with its own type, rank, alpha and targets.")
+    text_encoder_2: AdapterSpec | None = Field(None, description="Optional adapter on the second text encoder (SDXL's OpenCLIP encoder), with its own type, rank, alpha and targets.")
 
 
 class LokrAdapter(LokrSpec):
-    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the text encoder, with its own type, rank, alpha and targets.")
+    text_encoder: AdapterSpec | None = Field(None, description="Optional adapter on the (first) text encoder, with its own type, rank, alpha and targets.")
+    text_encoder_2: AdapterSpec | None = Field(None, description="Optional adapter on the second text encoder (SDXL's OpenCLIP encoder), with its own type, rank, alpha and targets.")
 
 
 UNetAdapter = Annotated[Union[LoraAdapter, LohaAdapter, LokrAdapter], Field(discriminator="type")]
@@ -451,8 +456,9 @@ class JobConfig(Section):
         adapter = data.get("adapter") if isinstance(data, dict) else None
         if isinstance(adapter, dict):
             adapter = data["adapter"] = {"type": "lora", **adapter}
-            if isinstance(adapter.get("text_encoder"), dict):
-                adapter["text_encoder"] = {"type": "lora", **adapter["text_encoder"]}
+            for part in ("text_encoder", "text_encoder_2"):
+                if isinstance(adapter.get(part), dict):
+                    adapter[part] = {"type": "lora", **adapter[part]}
         return data
 
     _name = field_validator("name")(matching(JOB_NAME_RE, "must be lowercase letters, digits and '-', 1-52 characters, "

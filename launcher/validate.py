@@ -4,31 +4,41 @@ explain a choice the tool makes (never a silent fallback)."""
 
 from __future__ import annotations
 
-from launcher import storage
+from launcher import families, storage
 from launcher.config import JobConfig
 from launcher.errors import StorageError
 from launcher.subjects import check_subjects, resolve_subjects
 
-COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-
-
-def check_model(source: str) -> list[str]:
+def model_family(source: str, override: str = "auto") -> tuple[str | None, list[str]]:
+    """(family, problems) of the model at source: the family from its files (launcher.families),
+    or the override. A Hub repo id is not read here (the worker detects it after the download)."""
     if "://" not in source and not storage.local_path(source).exists():
         if source.count("/") == 1 and not source.startswith((".", "/")):
-            return []  # a Hub repo id; checked when it is downloaded
-        return [f"model.source: {source} does not exist"]
+            return (None if override == "auto" else override), []  # a Hub repo id; checked when it is downloaded
+        return None, [f"model.source: {source} does not exist"]
     if "://" not in source and storage.local_path(source).is_file():
-        return [f"model.source: {source} is a file; name the model's folder (diffusers layout: "
-                f"{', '.join(COMPONENTS)} in it)"]
+        return None, [f"model.source: {source} is a file; name the model's folder (the diffusers layout: "
+                      "model_index.json and a subfolder per component)"]
     try:
         present = set(storage.list_names(source))
-    except StorageError as exc:
-        return [f"model.source: {exc}"]
-    missing = [c for c in COMPONENTS if c not in present]
-    if missing:
-        return [f"model.source: {storage.redact(source)} lacks the component subfolder(s) {', '.join(missing)} "
-                f"(a diffusers-layout model has {', '.join(COMPONENTS)})"]
-    return []
+        model_index = storage.read_json(storage.join(source, "model_index.json")) if "model_index.json" in present else None
+        unet = storage.read_json(storage.join(source, "unet", "config.json")) if "unet" in present else None
+    except (StorageError, ValueError) as exc:  # ValueError: a config that is not JSON
+        return None, [f"model.source: {storage.redact(source)}: {exc}"]
+    try:
+        family = families.detect(present, model_index, unet) if override == "auto" else override
+    except families.UnknownFamily as exc:
+        return None, [f"model.source: {storage.redact(source)}: {exc}"]
+    return family, [f"model.source: {storage.redact(source)} {p}" for p in families.check(family, present, unet)]
+
+
+def check_model(job: JobConfig) -> list[str]:
+    """The model's layout, and what the job asks of it that its family does not have."""
+    family, problems = model_family(job.model.source, job.model.family)
+    if job.adapter.text_encoder_2 is not None and family not in (None, "sdxl"):
+        problems.append(f"adapter.text_encoder_2: a {families.LAYOUTS[family].title} model has one text encoder; "
+                        "use adapter.text_encoder")
+    return problems
 
 
 def notes_for(job: JobConfig) -> list[str]:
@@ -118,7 +128,7 @@ def _unpackable(job: JobConfig) -> list[str]:
 def check_job(job: JobConfig, check_inputs: bool = True) -> tuple[list[str], list[str]]:
     errors: list[str] = unsupported(job)
     if check_inputs:
-        errors += check_model(job.model.source)
+        errors += check_model(job)
         subjects = resolve_subjects(job)
         errors += [f"subject {sid}: {p}" for sid, problems in check_subjects(subjects).items() for p in problems]
     return errors, notes_for(job)

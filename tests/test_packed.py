@@ -109,26 +109,26 @@ def test_packed_layer_matches_peft_per_sample(tiny_model):
                                     "subjects": [{"id": "a", "images": "/x", "instance_prompt": "p"}]})
     c = load_components(job.model, torch.device("cpu"))
     torch.manual_seed(0)
-    adapters.attach(c.unet, job.adapter, adapters.UNET_TARGETS, "unet")
-    keys = set(adapters.adapter_state_dict(c.unet))
-    router, layers = packed.install(c.unet, 3)
+    adapters.attach(c.denoiser, job.adapter, c.family.targets("unet"), "unet")
+    keys = set(adapters.adapter_state_dict(c.denoiser))
+    router, layers = packed.install(c.denoiser, 3)
     with torch.no_grad():
         for p in packed.slot_parameters(layers):
             p.normal_(0, 0.05)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(3, 4, 4, 4, generator=gen)
-    emb = torch.randn(3, 77, c.text_encoder.config.hidden_size, generator=gen)
+    emb = torch.randn(3, 77, c.text_encoders["text_encoder"].config.hidden_size, generator=gen)
     ts = torch.tensor([10, 500, 900])
     router.index = torch.tensor([2, 0, 1])
     with torch.no_grad():
-        batched = c.unet(x, ts, encoder_hidden_states=emb).sample
+        batched = c.denoiser(x, ts, encoder_hidden_states=emb).sample
     slices = [packed.slot_state_dict(layers, s) for s in range(3)]
     assert set(slices[0]) == keys
-    packed.uninstall(c.unet, layers)
+    packed.uninstall(c.denoiser, layers)
     for row, slot in enumerate([2, 0, 1]):
-        adapters.load_adapter_state_dict(c.unet, slices[slot])
+        adapters.load_adapter_state_dict(c.denoiser, slices[slot])
         with torch.no_grad():
-            alone = c.unet(x[row:row + 1], ts[row:row + 1], encoder_hidden_states=emb[row:row + 1]).sample
+            alone = c.denoiser(x[row:row + 1], ts[row:row + 1], encoder_hidden_states=emb[row:row + 1]).sample
         assert (alone - batched[row:row + 1]).abs().max() < 1e-5
 
 

@@ -40,8 +40,8 @@ def initial_adapter(tiny_model: Path, adapter: dict, seed: int = 0) -> dict[str,
                                     "subjects": [{"id": "a", "images": "/x", "instance_prompt": "p"}]})
     c = load_components(job.model, torch.device("cpu"))
     torch.manual_seed(seed)
-    adapters.attach(c.unet, job.adapter, adapters.UNET_TARGETS, "unet")
-    return adapters.adapter_state_dict(c.unet)
+    adapters.attach(c.denoiser, job.adapter, c.family.targets("unet"), "unet")
+    return adapters.adapter_state_dict(c.denoiser)
 
 
 ADAPTERS = {
@@ -97,7 +97,8 @@ def test_base_weights_stay_bit_identical(make_job, tiny_model):
     outcomes = worker.run(list(job.subjects))
     assert [o.state for o in outcomes] == ["done"]
     fresh = load_components(job.model, torch.device("cpu"))
-    for trained_model, fresh_model in ((worker.c.unet, fresh.unet), (worker.c.text_encoder, fresh.text_encoder),
+    for trained_model, fresh_model in ((worker.c.denoiser, fresh.denoiser),
+                                       (worker.c.text_encoders["text_encoder"], fresh.text_encoders["text_encoder"]),
                                        (worker.c.vae, fresh.vae)):
         base = {k.replace(".base_layer", ""): v for k, v in trained_model.state_dict().items()
                 if not any(m in k for m in ("lora_", "hada_", "lokr_"))}

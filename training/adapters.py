@@ -1,4 +1,4 @@
-"""PEFT adapters (LoRA, LoHa, LoKr) on the UNet and, optionally, the text encoder.
+"""PEFT adapters (LoRA, LoHa, LoKr) on the denoiser and, optionally, the text encoders.
 
 The one place where the job's adapter spec maps onto peft's config classes. Adapters are
 injected under the name "default" and kept in fp32 whatever the base dtype.
@@ -11,19 +11,19 @@ import logging
 import torch
 
 from launcher.config import AdapterSpec, LohaSpec, LokrSpec, LoraSpec
+from training.families import sd
 
 log = logging.getLogger(__name__)
 ADAPTER_NAME = "default"
+UNET_TARGETS, TEXT_ENCODER_TARGETS = sd.UNET_TARGETS, sd.TEXT_ENCODER_TARGETS  # SD's presets (families own them)
 
-UNET_TARGETS = {
-    "minimal": ["to_q", "to_v", "query", "value"],
-    "comprehensive": ["to_q", "to_k", "to_v", "proj", "proj_in", "proj_out", "conv", "conv1", "conv2",
-                      "conv_shortcut", "to_out.0", "time_emb_proj", "ff.net.2"],
-}
-TEXT_ENCODER_TARGETS = {
-    "minimal": ["q_proj", "v_proj"],
-    "comprehensive": ["fc1", "fc2", "q_proj", "k_proj", "v_proj", "out_proj"],
-}
+def specs(adapter, family) -> dict[str, AdapterSpec]:
+    """The adapters a job trains, by part: the denoiser's (the job's `adapter`) and each text
+    encoder's the family has and the job gives one (`adapter.text_encoder`, `.text_encoder_2`)."""
+    named = {family.denoiser: adapter, "text_encoder": adapter.text_encoder,
+             "text_encoder_2": getattr(adapter, "text_encoder_2", None)}
+    return {part: spec for part, spec in named.items()
+            if spec is not None and (part == family.denoiser or part in family.tokenizers)}
 
 
 def target_modules(spec: AdapterSpec, presets: dict[str, list[str]]) -> list[str]:

@@ -1,21 +1,24 @@
-"""Load a Stable Diffusion model component by component and freeze it.
+"""Load a diffusion model part by part and freeze it.
 
-Each of unet, vae, text_encoder, tokenizer and scheduler is loaded with
-`from_pretrained(path, subfolder=...)`. Base weights are frozen; the frozen VAE and text encoder
-are loaded in `model.dtype` (training.precision: half precision on GPU under `auto`, and on any
-device when named), while the UNet stays fp32 so that adapter weights and their optimizer state
-stay fp32 (autocast runs the forward in half precision).
+The model's family (training.families) names the parts; each is loaded with
+`from_pretrained(path, subfolder=...)`, with the VAE, the tokenizers and the scheduler. Base
+weights are frozen; the frozen VAE and text encoders are loaded in `model.dtype`
+(training.precision: half precision on GPU under `auto`, and on any device when named; the
+family may keep its VAE in fp32), while the denoiser stays fp32 so that adapter weights and
+their optimizer state stay fp32 (autocast runs the forward in half precision).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from launcher.config import ModelConfig
-from launcher.validate import COMPONENTS
+from training import families
+from training.families import Family
 from training.precision import dtype_of
 
 log = logging.getLogger(__name__)
@@ -23,62 +26,86 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Components:
-    unet: torch.nn.Module
+    family: Family
+    denoiser: torch.nn.Module  # the UNet (its part name is family.denoiser)
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
+    text_encoders: dict[str, torch.nn.Module]  # by part name, in the family's order
+    tokenizers: dict[str, object]  # by the text encoder they feed
     noise_scheduler: object
     path: str
     device: torch.device
 
     @property
-    def prediction_type(self) -> str:
-        return self.noise_scheduler.config.prediction_type
-
-    @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def part(self, name: str) -> torch.nn.Module:
+        return self.denoiser if name == self.family.denoiser else self.text_encoders[name]
+
+    def models(self) -> dict[str, torch.nn.Module]:
+        """The denoiser and the text encoders by part name."""
+        return {self.family.denoiser: self.denoiser, **self.text_encoders}
+
 
 def frozen_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
-    """The dtype of the frozen VAE and text encoder (training.precision's rule)."""
+    """The dtype of the frozen VAE and text encoders (training.precision's rule)."""
     return dtype_of(cfg.dtype, device)
 
 
-def resolve_model_path(cfg: ModelConfig) -> str:
-    """A local directory holding the model: staged into the node-local cache if it is remote."""
+def resolve_model_path(cfg: ModelConfig, source: str | None = None) -> str:
+    """A local directory holding the model (or `source`, e.g. model.vae): staged into the
+    node-local cache if it is remote."""
     from launcher import storage
 
-    if storage.is_local(cfg.source):
-        return str(storage.local_path(cfg.source))
-    if "://" in cfg.source:
+    source = source or cfg.source
+    if storage.is_local(source):
+        return str(storage.local_path(source))
+    if "://" in source:
         from training.staging import stage_model
 
-        return str(stage_model(cfg.source, cfg.cache_dir))
-    return cfg.source  # a Hub repo id: from_pretrained downloads it (needs Hub access)
+        return str(stage_model(source, cfg.cache_dir))
+    return source  # a Hub repo id: from_pretrained downloads it (needs Hub access)
 
 
 def load_components(cfg: ModelConfig, device: torch.device) -> Components:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """Every part the model's family names, each from its subfolder; the base frozen."""
+    from diffusers import DDPMScheduler
+    from transformers import CLIPTokenizer
 
     path = resolve_model_path(cfg)
+    family = families.for_model(cfg, path)
     common = {"revision": cfg.revision} if cfg.revision else {}
     weights = dict(common, **({"variant": cfg.variant} if cfg.variant else {}))
     half = frozen_dtype(cfg, device)
 
-    tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **common)
+    tokenizers = {te: CLIPTokenizer.from_pretrained(path, subfolder=sub, **common) for te, sub in family.tokenizers.items()}
     noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=half, **weights)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=half, **weights)
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch.float32, **weights)
-
-    for module in (unet, vae, text_encoder):
+    models = {}
+    for part, spec in family.parts.items():
+        dtype = torch.float32 if part == family.denoiser else half
+        models[part] = families.class_of(spec).from_pretrained(path, subfolder=part, torch_dtype=dtype, **weights)
+    vae_dtype = family.vae_dtype(half, cfg.vae is not None)
+    vae = _load_vae(cfg, path, vae_dtype, common, weights)
+    denoiser = models.pop(family.denoiser)
+    for module in (denoiser, vae, *models.values()):
         module.requires_grad_(False)
         module.eval()
         module.to(device)
-    log.info("loaded %s from %s (frozen parts in %s on %s)", ", ".join(COMPONENTS), path, half, device)
-    return Components(unet, vae, text_encoder, tokenizer, noise_scheduler, path, device)
+    log.info("loaded a %s model from %s: %s (frozen text encoders in %s, VAE in %s, on %s)", family.name, path,
+             ", ".join([*family.parts, "vae"]), half, vae_dtype, device)
+    return Components(family, denoiser, vae, models, tokenizers, noise_scheduler, path, device)
+
+
+def _load_vae(cfg: ModelConfig, path: str, dtype: torch.dtype, common: dict, weights: dict):
+    """The model's own VAE, or the one model.vae names (a VAE folder, or a model with a vae/)."""
+    from diffusers import AutoencoderKL
+
+    if cfg.vae is None:
+        return AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **weights)
+    vae_path = resolve_model_path(cfg, cfg.vae)
+    sub = {"subfolder": "vae"} if (Path(vae_path) / "vae" / "config.json").is_file() else {}
+    log.info("VAE from %s", cfg.vae)
+    return AutoencoderKL.from_pretrained(vae_path, torch_dtype=dtype, **sub, **common)
 
 
 def count_parameters(module: torch.nn.Module) -> tuple[int, int]:

@@ -60,11 +60,37 @@ def decode_image(data: bytes, name: str):
     return img.convert("RGB")
 
 
+@dataclass(frozen=True)
+class Crop:
+    """Where an image's training crop came from: SDXL conditions on it (its size ids)."""
+
+    original: tuple[int, int]  # (height, width) of the decoded image
+    top_left: tuple[int, int]  # (top, left) of the crop in the resized image
+    size: int  # the square crop's side: train.resolution
+    resized_width: int
+
+    def mirrored(self) -> "Crop":
+        """The same crop of the image mirrored left to right (random_flip's second copy)."""
+        top, left = self.top_left
+        return Crop(self.original, (top, self.resized_width - left - self.size), self.size, self.resized_width)
+
+    def ids(self) -> list[float]:
+        """(original h, w, crop top, left, target h, w): SDXL's add_time_ids."""
+        return [*map(float, self.original), *map(float, self.top_left), float(self.size), float(self.size)]
+
+
 def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generator | None = None) -> torch.Tensor:
     """PIL RGB -> float tensor (3, H, W) in [-1, 1], shortest side resized, square-cropped."""
+    return crop(img, resolution, center_crop, generator)[0]
+
+
+def crop(img, resolution: int, center_crop: bool, generator: torch.Generator | None = None
+         ) -> tuple[torch.Tensor, Crop]:
+    """The training crop of an image as a tensor in [-1, 1], and where it came from."""
     from PIL import Image
 
     w, h = img.size
+    original = (h, w)
     scale = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
     w, h = img.size
@@ -75,30 +101,32 @@ def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generato
         top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
     img = img.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), Crop(original, (top, left), resolution, w)
 
 
 def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None,
-                source: str = "") -> torch.Tensor:
-    """The images as one tensor; `source` (a folder or a list, as the job names it) is what an
-    empty result names."""
+                source: str = "") -> tuple[torch.Tensor, list[Crop]]:
+    """The images as one tensor, with their crops; `source` (a folder or a list, as the job
+    names it) is what an empty result names."""
     if not uris:
         from launcher.subjects import IMAGE_SUFFIXES
 
         where = f" in {storage.redact(source)}" if source else ""
         raise InputError(f"no images to train on{where} (image files end in {', '.join(IMAGE_SUFFIXES)})")
-    tensors = [to_tensor(decode_image(storage.read_bytes(u), storage.redact(u)), cfg.resolution, cfg.center_crop, generator)
-               for u in uris]
-    return torch.stack(tensors)
+    crops = [crop(decode_image(storage.read_bytes(u), storage.redact(u)), cfg.resolution, cfg.center_crop, generator)
+             for u in uris]
+    return torch.stack([t for t, _ in crops]), [c for _, c in crops]
 
 
 @dataclass
 class LatentCache:
-    """Per-image latent distribution; `sample()` draws latents scaled for the UNet."""
+    """Per-image latent distribution; `sample()` draws latents scaled for the denoiser. `crops`
+    holds each image's Crop.ids() (a row per cached image, mirrored copies included)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     scaling_factor: float
+    crops: torch.Tensor
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -111,22 +139,17 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, pixels: torch.Tensor, device: torch.device, random_flip: bool, batch: int = 8) -> LatentCache:
+def encode_latents(vae, images: tuple[torch.Tensor, list[Crop]], device: torch.device, random_flip: bool,
+                   batch: int = 8) -> LatentCache:
     """Encode images once (and their mirror images when random_flip is on)."""
+    pixels, crops = images
     if random_flip:
         pixels = torch.cat([pixels, torch.flip(pixels, dims=[3])])
+        crops = crops + [c.mirrored() for c in crops]
     means, stds = [], []
     for chunk in pixels.split(batch):
         dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor))
-
-
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(prompts, padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
-                     return_tensors="pt").input_ids
-
-
-def encode_prompts(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids.to(text_encoder.device))[0]
+    ids = torch.tensor([c.ids() for c in crops], dtype=torch.float32, device=device)
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), ids)

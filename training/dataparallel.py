@@ -11,7 +11,7 @@ a subject trains, so the device holds the base once. Under ZeRO-3 the adapter we
 (only them) and rank 0 exports them from the unpartitioned base, so the files are the same as a
 single-process run's.
 
-A text-encoder adapter trains jointly with the UNet's: both models sit in one module (`Joint`),
+A text-encoder adapter trains jointly with the denoiser's: the models sit in one module (`loop.Denoiser`),
 so that one DDP wrapper or one DeepSpeed engine (accelerate prepares one model per engine) holds
 both adapters, with one optimizer of two parameter groups, as in a single-process run.
 
@@ -26,7 +26,6 @@ rank fetches the adapter files, rank 0's engine part and its own. Nodes need not
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ from training.checkpoint import ENGINE
 from training.env import Preemption, WorkerEnv
 from training.failures import is_fatal, log_failure
 from training.lease import Outcome
-from training.loop import diffusion_loss, prepare_subject, subject_seed
+from training.loop import Denoiser, diffusion_loss, prepare_subject, subject_seed, trainable_groups
 from training.optim import build_lr_scheduler, build_optimizer
 from training.runner import Worker
 
@@ -56,37 +55,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_TAG = "state"  # DeepSpeed's checkpoint tag inside the engine folder
 CPU_ADAM = "deepspeed_cpu_adam"  # the optimizer under ZeRO-Offload, as recorded in checkpoints
-
-
-class Joint(torch.nn.Module):
-    """The UNet and the text encoder as one module, for one DDP wrapper or one DeepSpeed engine.
-    Its forward takes the prompts' token ids where the UNet takes their embeddings, so that the
-    text encoder runs inside the wrapped forward, where DDP and ZeRO-3 hook in."""
-
-    def __init__(self, unet: torch.nn.Module, text_encoder: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.text_encoder = text_encoder
-
-    def forward(self, sample, timestep, encoder_hidden_states):
-        embeddings = self.text_encoder(encoder_hidden_states)[0]
-        return self.unet(sample, timestep, encoder_hidden_states=embeddings)
-
-
-class _TokenIds:
-    """Stands in for the text encoder in the shared loss (training.loop.diffusion_loss): hands
-    the token ids on unchanged, and the prepared `Joint` encodes them."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-
-    def __call__(self, input_ids: torch.Tensor):
-        return (input_ids,)
-
-
-class _Autocast:
-    def __init__(self, accelerator):
-        self.autocast = accelerator.autocast
 
 
 def _broadcast(obj, src: int = 0):
@@ -114,34 +82,40 @@ def _on_ranks(fn, what: str) -> list:
 
 
 def _subject_models(worker: Worker, job: JobConfig) -> dict[str, torch.nn.Module]:
-    """Copies of the adapted models (the UNet; the text encoder when it has an adapter) with the
-    adapters as Worker.setup initialised them from the job seed: a single-process run starts
-    from the same weights. Copies, because a ZeRO-3 engine partitions what it is given and
-    accelerate patches the forward of what it prepares. The worker's own models wait in host
-    memory meanwhile (`_return_models` brings them back), so the device never holds the base
-    twice: under ZeRO-3 a rank holds only its partition."""
+    """Copies of the models a subject trains through, by part: the adapted ones with the adapters
+    as Worker.setup initialised them from the job seed (a single-process run starts from the
+    same weights), and every text encoder when any trains (loop.Denoiser runs them all).
+    Copies, because a ZeRO-3 engine partitions what it is given and accelerate patches the
+    forward of what it prepares. The worker's own models wait in host memory meanwhile
+    (`_return_models` brings them back), so the device never holds the base twice: under ZeRO-3
+    a rank holds only its partition."""
     models = {}
-    for name in worker.init_state:  # the adapted models: the UNet, and the text encoder if it has an adapter
-        own = getattr(worker.c, name).to("cpu")
+    for name in _copied(worker):
+        own = worker.c.part(name).to("cpu")
         models[name] = copy.deepcopy(own).to(worker.c.device)
-        adapters.restore(models[name], worker.init_state[name])
+        if name in worker.init_state:
+            adapters.restore(models[name], worker.init_state[name])
     if job.train.gradient_checkpointing:
-        models["unet"].enable_gradient_checkpointing()
-        log.info("gradient checkpointing on the UNet")
+        models[worker.c.family.denoiser].enable_gradient_checkpointing()
+        log.info("gradient checkpointing on the %s", worker.c.family.denoiser)
     return models
+
+
+def _copied(worker: Worker) -> list[str]:
+    family = worker.c.family
+    return [family.denoiser, *(family.tokenizers if worker.train_te else ())]
 
 
 def _return_models(worker: Worker) -> None:
     """The worker's own models back on the device (for samples, the next subject's caching)."""
-    for name in worker.init_state:
-        getattr(worker.c, name).to(worker.c.device)
+    for name in _copied(worker):
+        worker.c.part(name).to(worker.c.device)
 
 
-def _parts(module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+def _parts(job: JobConfig, module: Denoiser) -> dict[str, torch.nn.Module]:
     """The adapted models inside what accelerate prepared, by checkpoint name."""
-    if isinstance(module, Joint):
-        return {"unet": module.unet, "text_encoder": module.text_encoder}
-    return {"unet": module}
+    inside = module.parts()
+    return {name: inside[name] for name in adapters.specs(job.adapter, module.family)}
 
 
 def _accelerator(job: JobConfig, device: torch.device):
@@ -164,9 +138,9 @@ def _zero3(job: JobConfig) -> bool:
     return job.distributed.strategy == "deepspeed" and job.distributed.zero_stage == 3
 
 
-def _gathered_adapters(job: JobConfig, module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+def _gathered_adapters(job: JobConfig, module: Denoiser) -> dict[str, dict[str, torch.Tensor]]:
     """The full adapter weights of every adapted model on every rank (a collective under ZeRO-3)."""
-    parts = _parts(module)
+    parts = _parts(job, module)
     if _zero3(job):
         import deepspeed
 
@@ -276,12 +250,11 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
                 if name not in states:
                     raise ValueError(f"checkpoint {latest.rsplit('/', 1)[-1]} has no {name} adapter")
                 adapters.load_adapter_state_dict(model, states[name])
-        groups = [{"params": adapters.adapter_parameters(models["unet"]), "lr": lr}]
-        if "text_encoder" in models:
-            groups.append({"params": adapters.adapter_parameters(models["text_encoder"]),
-                           "lr": t.text_encoder_learning_rate or lr})
+        family = c.family
+        groups = trainable_groups(c, job, lr, {part: models[part] for part in worker.specs})
         params = [p for g in groups for p in g["params"]]
-        module = Joint(models["unet"], models["text_encoder"]) if "text_encoder" in models else models["unet"]
+        module = Denoiser(family, models[family.denoiser],
+                          {te: models[te] for te in family.tokenizers} if worker.train_te else None)
         client = _client_optimizer(job, groups, c.device)
         scheduler = build_lr_scheduler(client, t, steps)
         model, optimizer, scheduler = accelerator.prepare(module, client, scheduler)
@@ -307,12 +280,8 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
             checkpoint.set_rng_state(trainer_state["rng"], gen)
             step = trainer_state["step"]
             log.info("subject %s: resuming from %s at step %d/%d", subject.id, latest.rsplit("/", 1)[-1], step, steps)
-    train_te = worker.train_te
-    view = dataclasses.replace(c, unet=model, text_encoder=_TokenIds(c.device)) if train_te else \
-        dataclasses.replace(c, unet=model)
-    data = prepare_subject(c, job, subject, image_uris(subject), class_images, train_te)
+    data = prepare_subject(c, job, subject, image_uris(subject), class_images, worker.train_te)
     shard = (env.rank, env.world_size)
-    amp = _Autocast(accelerator)
     worker.progress.start_subject(subject.id, steps, step)
     # each rank stages its engine files on its own disk; the node's local rank 0 publishes them
     staging = Path(tempfile.mkdtemp(prefix=f"dreamfleet-{subject.id}-ckpt-rank{env.rank}-"))
@@ -336,7 +305,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
                 if keeper:
                     keeper.update(state="pending", step=step, error="preempted; resumes from its checkpoint")
                 return Outcome(subject.id, "preempted", f"checkpointed at step {step}")
-            loss = diffusion_loss(view, job, data, gen, amp, train_te, shard=shard)
+            loss = diffusion_loss(c, job, data, gen, model, accelerator.autocast, shard=shard)
             lr_now = scheduler.get_last_lr()[0]
             accelerator.backward(loss)
             if t.max_grad_norm > 0 and job.distributed.strategy != "deepspeed":
@@ -366,7 +335,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
         shutil.rmtree(staging, ignore_errors=True)
     worker.progress.end_subject()
     states = _gathered_adapters(job, accelerator.unwrap_model(model))
-    model = optimizer = scheduler = view = None  # dropped (the checkpoint closure too) before the models return
+    model = optimizer = scheduler = None  # dropped (the checkpoint closure too) before the models return
     accelerator.free_memory()  # the engine's memory, before the worker's own models come back for publishing
     _return_models(worker)
     if not _broadcast(keeper.held() if env.is_main else None):
@@ -489,9 +458,8 @@ def _publish(worker: Worker, subject: Subject, states: dict[str, dict[str, torch
     """Export from the worker's own (never partitioned) models carrying the gathered adapters:
     the same files, samples included, as a single-process run writes. Later subjects train
     fresh copies whose adapters are reset, so these weights go nowhere else."""
-    models = {"unet": worker.c.unet, "text_encoder": worker.c.text_encoder}
     for name, state in states.items():
-        adapters.load_adapter_state_dict(models[name], state)
+        adapters.load_adapter_state_dict(worker.c.part(name), state)
     with tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
         if metrics:
             (Path(tmp) / "metrics.jsonl").write_text("\n".join(metrics) + "\n")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from launcher.config import JobConfig, Subject
 from training import adapters, checkpoint
 from training.components import Components
-from training.data import LatentCache, encode_latents, encode_prompts, load_images, tokenize
+from training.data import LatentCache, encode_latents, load_images
 from training.env import Preemption
 from training.optim import build_lr_scheduler, build_optimizer
 from training.precision import resolve
@@ -35,13 +35,28 @@ def subject_seed(base_seed: int, subject_id: str) -> int:
 
 
 @dataclass
+class Prompt:
+    """One prompt's token ids per text encoder, and its conditioning (the family's `encode`)
+    cached while the text encoders are frozen (None when they train: encoded every step)."""
+
+    ids: dict[str, torch.Tensor]
+    conditioning: dict[str, torch.Tensor] | None
+
+
+@dataclass
 class SubjectData:
     instance: LatentCache
-    instance_ids: torch.Tensor
-    instance_emb: torch.Tensor | None  # cached when the text encoder is frozen
+    instance_prompt: Prompt
     prior: LatentCache | None = None
-    class_ids: torch.Tensor | None = None
-    class_emb: torch.Tensor | None = None
+    class_prompt: Prompt | None = None
+
+
+@torch.no_grad()
+def _prompt(c: Components, text: str, train_text_encoder: bool) -> Prompt:
+    ids = c.family.tokenize(c.tokenizers, [text])
+    if train_text_encoder:
+        return Prompt(ids, None)
+    return Prompt(ids, {k: v.float() for k, v in c.family.encode(c.text_encoders, ids).items()})
 
 
 @torch.no_grad()
@@ -51,16 +66,110 @@ def prepare_subject(c: Components, job: JobConfig, subject: Subject, image_uris:
     gen = torch.Generator("cpu").manual_seed(subject_seed(t.seed, subject.id))
     source = subject.images if isinstance(subject.images, str) else ", ".join(subject.images)
     instance = encode_latents(c.vae, load_images(image_uris, t, gen, source), c.device, t.random_flip)
-    instance_ids = tokenize(c.tokenizer, [subject.instance_prompt])
-    data = SubjectData(instance, instance_ids, None)
+    data = SubjectData(instance, _prompt(c, subject.instance_prompt, train_text_encoder))
     if class_image_uris:
         data.prior = encode_latents(c.vae, load_images(class_image_uris, t, gen), c.device, t.random_flip)
-        data.class_ids = tokenize(c.tokenizer, [subject.class_prompt])
-    if not train_text_encoder:
-        data.instance_emb = encode_prompts(c.text_encoder, instance_ids).float()
-        if data.class_ids is not None:
-            data.class_emb = encode_prompts(c.text_encoder, data.class_ids).float()
+        data.class_prompt = _prompt(c, subject.class_prompt, train_text_encoder)
     return data
+
+
+class Denoiser(torch.nn.Module):
+    """The denoiser, with the text encoders when any of them trains: what one training forward
+    runs, and what one DDP wrapper or DeepSpeed engine holds (accelerate prepares one model per
+    engine). With text encoders it takes the prompts' token ids ("ids:<part>" entries of the
+    conditioning) and encodes them inside the forward, where DDP and ZeRO-3 hook in."""
+
+    def __init__(self, family, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None):
+        super().__init__()
+        self.family = family
+        self.denoiser = denoiser
+        self.text_encoders = torch.nn.ModuleDict(text_encoders or {})
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {self.family.denoiser: self.denoiser, **self.text_encoders}
+
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]):
+        if len(self.text_encoders):
+            ids = {k[len(IDS):]: v for k, v in conditioning.items() if k.startswith(IDS)}
+            conditioning = {k: v for k, v in conditioning.items() if not k.startswith(IDS)}
+            conditioning.update(self.family.encode(dict(self.text_encoders), ids))
+        return self.family.predict(self.denoiser, noisy, timesteps, conditioning)
+
+
+IDS = "ids:"
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    conditioning: dict[str, torch.Tensor]  # per row: the prompt's (or its token ids) and the image's
+    has_prior: bool
+
+    def rows(self, index: torch.Tensor) -> "Batch":
+        return Batch(self.latents[index.to(self.latents.device)], self.noise[index.to(self.noise.device)],
+                     self.timesteps[index.to(self.timesteps.device)],
+                     {k: v[index.to(v.device)] for k, v in self.conditioning.items()}, self.has_prior)
+
+
+def _conditioning(c: Components, cache: LatentCache, index: torch.Tensor, prompt: Prompt) -> dict[str, torch.Tensor]:
+    n = index.shape[0]
+    own = {IDS + k: v for k, v in prompt.ids.items()} if prompt.conditioning is None else prompt.conditioning
+    rows = {k: v.to(c.device).expand(n, *v.shape[1:]) for k, v in own.items()}
+    rows.update(c.family.image_conditioning(cache.crops[index.to(cache.crops.device)]))
+    return rows
+
+
+def draw_batch(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator,
+               shard: tuple[int, int] = (0, 1)) -> Batch:
+    """One micro-batch of a subject: cached latents (and class latents), their noise, timesteps and
+    conditioning, drawn from the subject's generator in one fixed order.
+
+    Data-parallel ranks pass shard=(rank, world): every rank draws the same global batch
+    (batch_size x world) from the same generator and keeps its own slice, so the averaged
+    gradient equals one process training on the global batch."""
+    t = job.train
+    rank, world = shard
+    bs = t.batch_size * world
+    on = {"generator": gen, "device": gen.device}  # the step's randomness is drawn where it is used
+    index = torch.randint(len(data.instance), (bs,), **on)
+    latents = data.instance.sample(index, gen)
+    parts = [_conditioning(c, data.instance, index, data.instance_prompt)]
+    if data.prior is not None:
+        index = torch.randint(len(data.prior), (bs,), **on)
+        latents = torch.cat([latents, data.prior.sample(index, gen)])
+        parts.append(_conditioning(c, data.prior, index, data.class_prompt))
+    noise = torch.randn(latents.shape, **on)
+    if t.noise_offset:
+        noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)
+    timesteps = c.family.draw_timesteps(c.noise_scheduler, latents.shape[0], gen)
+    conditioning = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    batch = Batch(latents, noise, timesteps, conditioning, data.prior is not None)
+    if world > 1:
+        mine = torch.arange(rank * t.batch_size, (rank + 1) * t.batch_size)
+        batch = batch.rows(torch.cat([mine, mine + bs]) if data.prior is not None else mine)
+    return batch
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, has_prior: bool, prior_weight: float) -> torch.Tensor:
+    """The mean squared error of the instance rows, plus the class rows' weighted (prior preservation)."""
+    pred = pred.float()
+    if not has_prior:
+        return F.mse_loss(pred, target)
+    pred_i, pred_p = pred.chunk(2)
+    target_i, target_p = target.chunk(2)
+    return F.mse_loss(pred_i, target_i) + prior_weight * F.mse_loss(pred_p, target_p)
+
+
+def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator, model: torch.nn.Module,
+                   autocast, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """One micro-batch through `model` (a Denoiser, or what DDP/DeepSpeed made of one): the DreamBooth loss."""
+    batch = draw_batch(c, job, data, gen, shard)
+    noisy, target = c.family.noisy_and_target(c.noise_scheduler, batch.latents, batch.noise, batch.timesteps)
+    with autocast():
+        pred = model(noisy, batch.timesteps, batch.conditioning)
+    return dreambooth_loss(pred, target, batch.has_prior, job.prior.loss_weight)
 
 
 class Stepper:
@@ -124,52 +233,6 @@ class Stepper:
                     "optimizer state starts anew", subject_id, trainer_state.get("strategy", "data-parallel"))
 
 
-def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator, stepper: Stepper,
-                   train_text_encoder: bool, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """One micro-batch: noise the cached latents, predict, and return the DreamBooth loss.
-
-    Data-parallel ranks pass shard=(rank, world): every rank draws the same global batch
-    (batch_size x world) from the same generator and keeps its own slice, so the averaged
-    gradient equals one process training on the global batch."""
-    t, device = job.train, c.device
-    rank, world = shard
-    bs = t.batch_size * world
-    on = {"generator": gen, "device": gen.device}  # the step's randomness is drawn where it is used
-    latents = data.instance.sample(torch.randint(len(data.instance), (bs,), **on), gen)
-    prompts_ids, prompt_emb = [data.instance_ids] * bs, [data.instance_emb] * bs
-    if data.prior is not None:
-        latents = torch.cat([latents, data.prior.sample(torch.randint(len(data.prior), (bs,), **on), gen)])
-        prompts_ids += [data.class_ids] * bs
-        prompt_emb += [data.class_emb] * bs
-    noise = torch.randn(latents.shape, **on)
-    if t.noise_offset:
-        noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)
-    timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), **on)
-    if world > 1:
-        mine = torch.arange(rank * t.batch_size, (rank + 1) * t.batch_size)
-        rows = torch.cat([mine, mine + bs]) if data.prior is not None else mine
-        latents, noise, timesteps = latents[rows.to(latents.device)], noise[rows.to(noise.device)], timesteps[rows.to(timesteps.device)]
-        prompts_ids = [prompts_ids[i] for i in rows.tolist()]
-        prompt_emb = [prompt_emb[i] for i in rows.tolist()]
-    noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
-    with stepper.autocast():
-        if train_text_encoder:
-            emb = encode_prompts(c.text_encoder, torch.cat(prompts_ids))
-        else:
-            emb = torch.cat(prompt_emb).to(device)
-        pred = c.unet(noisy, timesteps, encoder_hidden_states=emb).sample
-    if c.prediction_type == "v_prediction":
-        target = c.noise_scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        target = noise
-    pred = pred.float()
-    if data.prior is None:
-        return F.mse_loss(pred, target)
-    pred_i, pred_p = pred.chunk(2)
-    target_i, target_p = target.chunk(2)
-    return F.mse_loss(pred_i, target_i) + job.prior.loss_weight * F.mse_loss(pred_p, target_p)
-
-
 @dataclass
 class TrainResult:
     step: int
@@ -179,48 +242,55 @@ class TrainResult:
     resumed_from: int | None
 
 
-def _trainable_groups(c: Components, job: JobConfig, lr: float, train_text_encoder: bool) -> list[dict]:
-    groups = [{"params": adapters.adapter_parameters(c.unet), "lr": lr}]
-    if train_text_encoder:
-        groups.append({"params": adapters.adapter_parameters(c.text_encoder),
-                       "lr": job.train.text_encoder_learning_rate or lr})
-    return groups
+def trainable_groups(c: Components, job: JobConfig, lr: float, trained: dict[str, torch.nn.Module] | None = None
+                     ) -> list[dict]:
+    """The optimizer's parameter groups: the denoiser's adapter at `lr`, the text encoders' at
+    train.text_encoder_learning_rate (default `lr`). `trained`: the adapted models by part
+    (default: the loaded ones)."""
+    trained = trained or {part: c.part(part) for part in adapters.specs(job.adapter, c.family)}
+    te_lr = job.train.text_encoder_learning_rate or lr
+    return [{"params": adapters.adapter_parameters(model), "lr": lr if part == c.family.denoiser else te_lr}
+            for part, model in trained.items()]
 
 
-def _adapter_states(c: Components, train_text_encoder: bool) -> dict[str, dict[str, torch.Tensor]]:
-    states = {"unet": adapters.adapter_state_dict(c.unet)}
-    if train_text_encoder:
-        states["text_encoder"] = adapters.adapter_state_dict(c.text_encoder)
-    return states
+def adapter_states(c: Components, job: JobConfig) -> dict[str, dict[str, torch.Tensor]]:
+    return {part: adapters.adapter_state_dict(c.part(part)) for part in adapters.specs(job.adapter, c.family)}
 
 
-def _save_checkpoint(c, stepper, gen, step, work: Path, subject_uri: str, keep: int, train_te: bool, metrics: Path,
+def training_model(c: Components, job: JobConfig) -> Denoiser:
+    """The Denoiser over the loaded models: with every text encoder when any of them trains."""
+    train_te = len(adapters.specs(job.adapter, c.family)) > 1
+    return Denoiser(c.family, c.denoiser, c.text_encoders if train_te else None)
+
+
+def _save_checkpoint(c, job, stepper, gen, step, work: Path, subject_uri: str, metrics: Path,
                      uploader: checkpoint.Uploader) -> None:
     """Write the checkpoint locally (on the training path), then upload it in the background."""
-    local = checkpoint.stage(work, step, _adapter_states(c, train_te), stepper.state_dict(), gen, metrics)
-    uploader.submit(local, subject_uri, step, keep)
+    local = checkpoint.stage(work, step, adapter_states(c, job), stepper.state_dict(), gen, metrics)
+    uploader.submit(local, subject_uri, step, job.train.keep_checkpoints)
 
 
 def train_subject(c: Components, job: JobConfig, subject: Subject, data: SubjectData, work: Path, subject_uri: str,
                   preemption: Preemption, on_step: Callable[[int, int, float | None], None] | None = None) -> TrainResult:
-    """Train the (freshly reset) adapter on one subject; resumes from its latest checkpoint."""
+    """Train the (freshly reset) adapters on one subject; resumes from its latest checkpoint."""
     t = job.train
-    train_te = job.adapter.text_encoder is not None
     steps = subject.steps or t.steps
     lr = subject.learning_rate or t.learning_rate
     seed = subject_seed(t.seed, subject.id)
     torch.manual_seed(seed)
     gen = torch.Generator(c.device).manual_seed(seed)
-    stepper = Stepper(_trainable_groups(c, job, lr, train_te), job, c.device, steps)
+    stepper = Stepper(trainable_groups(c, job, lr), job, c.device, steps)
+    model = training_model(c, job)
     metrics = work / "metrics.jsonl"
     metrics.unlink(missing_ok=True)
 
     step, resumed_from = 0, None
     resumed = checkpoint.resume(subject_uri)
     if resumed is not None:
-        adapters.load_adapter_state_dict(c.unet, resumed.adapters["unet"])
-        if train_te:
-            adapters.load_adapter_state_dict(c.text_encoder, resumed.adapters["text_encoder"])
+        for part in adapters.specs(job.adapter, c.family):
+            if part not in resumed.adapters:
+                raise ValueError(f"checkpoint {resumed.name} has no {part} adapter")
+            adapters.load_adapter_state_dict(c.part(part), resumed.adapters[part])
         stepper.resume(resumed.trainer_state, subject.id)
         checkpoint.set_rng_state(resumed.trainer_state["rng"], gen)
         step = resumed_from = resumed.step
@@ -228,51 +298,48 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
             metrics.write_bytes(resumed.metrics)
         log.info("subject %s: resuming from %s at step %d/%d", subject.id, resumed.name, step, steps)
 
-    c.unet.train()
-    if train_te:
-        c.text_encoder.train()
+    model.train()
     if t.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
+        c.denoiser.enable_gradient_checkpointing()
     uploader = checkpoint.Uploader()
     pending: list[torch.Tensor] = []
     final_loss: float | None = None  # the mean over the last logging interval (TrainResult.final_loss)
     started = time.perf_counter()
-    with open(metrics, "a") as metrics_file:
-        while step < steps:
-            if preemption.requested:
-                _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics,
-                                 uploader)
-                uploader.wait()  # preempted: the checkpoint must be in the bucket before the process exits
-                return TrainResult(step, steps, final_loss, True, resumed_from)
-            total = torch.zeros((), device=c.device)
-            for _ in range(t.gradient_accumulation):
-                loss = diffusion_loss(c, job, data, gen, stepper, train_te) / t.gradient_accumulation
-                stepper.backward(loss)
-                total += loss.detach()
-            lr_now = stepper.lr
-            grad_norm = stepper.step()
-            step += 1
-            pending.append(torch.stack([total, grad_norm]))
-            if step % t.log_every == 0 or step == steps:
-                values = torch.stack(pending).cpu().tolist()  # the one host sync per log interval
-                pending.clear()
-                final_loss = mean_loss = sum(v[0] for v in values) / len(values)
-                line = {"step": step, "loss": round(mean_loss, 6), "last_loss": round(values[-1][0], 6),
-                        "grad_norm": round(values[-1][1], 6), "lr": lr_now,
-                        "elapsed_s": round(time.perf_counter() - started, 3)}
-                metrics_file.write(json.dumps(line) + "\n")
-                metrics_file.flush()
-                if on_step:
-                    on_step(step, steps, mean_loss)
-            elif on_step:
-                on_step(step, steps, None)
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
-                metrics_file.flush()
-                _save_checkpoint(c, stepper, gen, step, work, subject_uri, t.keep_checkpoints, train_te, metrics,
-                                 uploader)
-    uploader.wait()  # the final publish happens after the last checkpoint upload
-    if t.gradient_checkpointing:
-        c.unet.disable_gradient_checkpointing()
-    c.unet.eval()
-    c.text_encoder.eval()
+    try:
+        with open(metrics, "a") as metrics_file:
+            while step < steps:
+                if preemption.requested:
+                    _save_checkpoint(c, job, stepper, gen, step, work, subject_uri, metrics, uploader)
+                    uploader.wait()  # preempted: the checkpoint must be in the bucket before the process exits
+                    return TrainResult(step, steps, final_loss, True, resumed_from)
+                total = torch.zeros((), device=c.device)
+                for _ in range(t.gradient_accumulation):
+                    loss = diffusion_loss(c, job, data, gen, model, stepper.autocast) / t.gradient_accumulation
+                    stepper.backward(loss)
+                    total += loss.detach()
+                lr_now = stepper.lr
+                grad_norm = stepper.step()
+                step += 1
+                pending.append(torch.stack([total, grad_norm]))
+                if step % t.log_every == 0 or step == steps:
+                    values = torch.stack(pending).cpu().tolist()  # the one host sync per log interval
+                    pending.clear()
+                    final_loss = mean_loss = sum(v[0] for v in values) / len(values)
+                    line = {"step": step, "loss": round(mean_loss, 6), "last_loss": round(values[-1][0], 6),
+                            "grad_norm": round(values[-1][1], 6), "lr": lr_now,
+                            "elapsed_s": round(time.perf_counter() - started, 3)}
+                    metrics_file.write(json.dumps(line) + "\n")
+                    metrics_file.flush()
+                    if on_step:
+                        on_step(step, steps, mean_loss)
+                elif on_step:
+                    on_step(step, steps, None)
+                if t.checkpoint_every and step % t.checkpoint_every == 0 and step < steps:
+                    metrics_file.flush()
+                    _save_checkpoint(c, job, stepper, gen, step, work, subject_uri, metrics, uploader)
+        uploader.wait()  # the final publish happens after the last checkpoint upload
+    finally:
+        if t.gradient_checkpointing:
+            c.denoiser.disable_gradient_checkpointing()
+        model.eval()
     return TrainResult(step, steps, final_loss, False, resumed_from)

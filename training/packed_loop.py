@@ -1,4 +1,4 @@
-"""Packed multi-subject training: K subjects in one forward/backward over one frozen UNet.
+"""Packed multi-subject training: K subjects in one forward/backward over one frozen denoiser.
 
 Semantics match K independent `loop.train_subject` runs: each slot draws its batch from its
 own subject's generator in the same order as `loop.diffusion_loss`, the loss is the sum of the
@@ -23,36 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from launcher import ledger
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError
 from launcher.subjects import image_uris
 from training import adapters, checkpoint, lease, packed
-from training.loop import Stepper, SubjectData, prepare_subject, subject_seed
+from training.loop import Stepper, SubjectData, draw_batch, dreambooth_loss, prepare_subject, subject_seed
 from training.failures import is_fatal, log_failure
 from training.lease import Outcome, StatusKeeper
 from training.runner import Worker
 
 log = logging.getLogger(__name__)
-
-
-def draw_batch(c, job: JobConfig, data: SubjectData, gen: torch.Generator):
-    """A subject's micro-batch, drawn in exactly the order of `loop.diffusion_loss` (world 1)."""
-    t = job.train
-    bs = t.batch_size
-    on = {"generator": gen, "device": gen.device}
-    latents = data.instance.sample(torch.randint(len(data.instance), (bs,), **on), gen)
-    emb = [data.instance_emb] * bs
-    if data.prior is not None:
-        latents = torch.cat([latents, data.prior.sample(torch.randint(len(data.prior), (bs,), **on), gen)])
-        emb += [data.class_emb] * bs
-    noise = torch.randn(latents.shape, **on)
-    if t.noise_offset:
-        noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)
-    timesteps = torch.randint(0, c.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), **on)
-    return latents, noise, timesteps, torch.cat(emb)
 
 
 @dataclass
@@ -78,7 +60,7 @@ class PackedTrainer:
 
     def __init__(self, c, job: JobConfig, num_slots: int, init: dict[str, torch.Tensor]):
         self.c, self.job, self.num_slots, self.init = c, job, num_slots, init
-        self.router, self.layers = packed.install(c.unet, num_slots)
+        self.router, self.layers = packed.install(c.denoiser, num_slots)
         self.params = packed.slot_parameters(self.layers)
         self.slots: list[Slot | None] = [None] * num_slots
 
@@ -102,25 +84,18 @@ class PackedTrainer:
         live = [i for i, s in enumerate(self.slots) if s is not None]
         totals = {i: torch.zeros((), device=c.device) for i in live}
         for _ in range(t.gradient_accumulation):
+            # each slot's batch in the order of a single run (loop.draw_batch); one forward for all
             parts = [draw_batch(c, self.job, self.slots[i].data, self.slots[i].gen) for i in live]
-            rows = [p[0].shape[0] for p in parts]
-            latents, noise, timesteps, emb = (torch.cat([p[k] for p in parts]) for k in range(4))
+            rows = [p.latents.shape[0] for p in parts]
+            latents, noise, timesteps = (torch.cat([getattr(p, k) for p in parts]) for k in ("latents", "noise", "timesteps"))
+            conditioning = {k: torch.cat([p.conditioning[k] for p in parts]) for k in parts[0].conditioning}
             self.router.index = torch.repeat_interleave(torch.tensor(live), torch.tensor(rows)).to(c.device)
-            noisy = c.noise_scheduler.add_noise(latents, noise, timesteps)
+            noisy, target = c.family.noisy_and_target(c.noise_scheduler, latents, noise, timesteps)
             with self.slots[live[0]].stepper.autocast():
-                pred = c.unet(noisy, timesteps, encoder_hidden_states=emb.to(c.device)).sample
-            if c.prediction_type == "v_prediction":
-                target = c.noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            pred = pred.float()
+                pred = c.family.predict(c.denoiser, noisy, timesteps, conditioning)
             total = torch.zeros((), device=c.device)
             for i, p_i, t_i in zip(live, pred.split(rows), target.split(rows)):  # per-subject means
-                if self.slots[i].has_prior:
-                    (pi, pp), (ti, tp) = p_i.chunk(2), t_i.chunk(2)
-                    loss = F.mse_loss(pi, ti) + self.job.prior.loss_weight * F.mse_loss(pp, tp)
-                else:
-                    loss = F.mse_loss(p_i, t_i)
+                loss = dreambooth_loss(p_i, t_i, self.slots[i].has_prior, self.job.prior.loss_weight)
                 loss = loss / t.gradient_accumulation
                 totals[i] += loss.detach()
                 total = total + loss
@@ -143,7 +118,7 @@ class PackedTrainer:
     def restore(self, slot: int, resumed: checkpoint.Resume) -> None:
         """Continue a subject from its checkpoint (a packed slot's or a single run's)."""
         s = self.slots[slot]
-        packed.load_slot(self.layers, slot, resumed.adapters["unet"])
+        packed.load_slot(self.layers, slot, resumed.adapters[self.c.family.denoiser])
         s.stepper.resume(resumed.trainer_state, s.subject.id)
         s.gen.set_state(resumed.trainer_state["rng"]["generator"])
         s.step = resumed.step
@@ -152,11 +127,11 @@ class PackedTrainer:
         s = self.slots[slot]
         s.metrics.flush()
         work = Path(s.work.name)
-        return checkpoint.stage(work, s.step, {"unet": packed.slot_state_dict(self.layers, slot)},
+        return checkpoint.stage(work, s.step, {self.c.family.denoiser: packed.slot_state_dict(self.layers, slot)},
                                 s.stepper.state_dict(), s.gen, work / "metrics.jsonl")
 
     def close(self) -> None:
-        packed.uninstall(self.c.unet, self.layers)
+        packed.uninstall(self.c.denoiser, self.layers)
 
 
 def resolve_pack(job: JobConfig, device: torch.device) -> int:
@@ -171,10 +146,10 @@ def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[
     job = worker.job
     class_images = worker.setup(subjects)
     c = worker.c
-    trainer = PackedTrainer(c, job, num_slots, worker.init_state["unet"])
-    c.unet.train()
+    trainer = PackedTrainer(c, job, num_slots, worker.init_state[c.family.denoiser])
+    c.denoiser.train()
     if job.train.gradient_checkpointing:
-        c.unet.enable_gradient_checkpointing()
+        c.denoiser.enable_gradient_checkpointing()
     queue = list(subjects)
     outcomes: list[Outcome] = []
     uploader = checkpoint.Uploader()
@@ -202,9 +177,9 @@ def run_packed(worker: Worker, subjects: list[Subject], num_slots: int) -> list[
                 _finish(worker, trainer, i, outcomes)
     finally:
         if job.train.gradient_checkpointing:
-            c.unet.disable_gradient_checkpointing()
+            c.denoiser.disable_gradient_checkpointing()
         trainer.close()
-        c.unet.eval()
+        c.denoiser.eval()
     return outcomes
 
 
@@ -284,15 +259,15 @@ def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outco
         _close_slot(trainer, i)
         return
     try:
-        packed.uninstall(c.unet, trainer.layers)
+        packed.uninstall(c.denoiser, trainer.layers)
         try:
-            adapters.load_adapter_state_dict(c.unet, packed.slot_state_dict(trainer.layers, i))
-            c.unet.eval()
+            adapters.load_adapter_state_dict(c.denoiser, packed.slot_state_dict(trainer.layers, i))
+            c.denoiser.eval()
             worker.publish(s.subject, Path(s.work.name), s.steps)
         finally:
-            c.unet.train()
+            c.denoiser.train()
             for name, layer in trainer.layers.items():
-                packed._set_submodule(c.unet, name, layer)
+                packed._set_submodule(c.denoiser, name, layer)
         s.keeper.update(state="done", step=s.step, final_loss=s.final_loss, finished_at=time.time())
         outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.final_loss))
     except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable

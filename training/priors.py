@@ -21,12 +21,18 @@ import time
 from pathlib import Path
 
 from launcher import ledger, storage
-from launcher.config import PriorConfig
+from launcher.config import ModelConfig, PriorConfig
 from training.components import Components
 from training.lease import Heartbeat
 from training.sampling import generate
 
 log = logging.getLogger(__name__)
+
+
+def model_id(model: ModelConfig) -> str:
+    """What identifies the generating model in a set's key: its source, and a separate VAE (which
+    changes every image) when the job names one."""
+    return model.source if model.vae is None else f"{model.source} (vae {model.vae})"
 
 
 def prior_key(class_prompt: str, model: str, resolution: int, prior: PriorConfig, seed: int) -> str:

@@ -29,7 +29,7 @@ class Worker:
     def __init__(self, job: JobConfig, env: WorkerEnv, preemption: Preemption, device: torch.device, owner: str):
         self.job, self.env, self.preemption, self.device, self.owner = job, env, preemption, device, owner
         self.job_uri = job.job_uri
-        self.train_te = job.adapter.text_encoder is not None
+        self.train_te = False  # whether a text encoder trains (known once the model's family is)
         self.progress = Progress(env.rank)
         self.c: Components | None = None
         self.init_state: dict[str, dict] = {}
@@ -44,23 +44,23 @@ class Worker:
             fingerprint.check(job)  # a job file run by hand with changed settings stops here (exit 2)
             storage.write_text(storage.join(self.job_uri, "job.yaml"), dump_job(job))
         self.c = load_components(job.model, self.device)
-        cpu_attention.install(self.c.unet, "sdpa" if job.train.compile else job.train.attention)
+        self.specs = adapters.specs(job.adapter, self.c.family)
+        self.train_te = len(self.specs) > 1
+        cpu_attention.install(self.c.denoiser, "sdpa" if job.train.compile else job.train.attention)
         class_images: dict[str, list[str]] = {}
         if job.prior.enabled:
             store = job.prior.store or storage.join(self.job_uri, "priors")
             for prompt in sorted({s.class_prompt for s in subjects}):
-                uris, _ = priors.ensure_class_images(self.c, prompt, job.model.source, job.train.resolution,
+                uris, _ = priors.ensure_class_images(self.c, prompt, priors.model_id(job.model), job.train.resolution,
                                                      job.prior, job.train.seed, store, self.owner,
                                                      job.output.stale_after_s)
                 class_images[prompt] = uris
         torch.manual_seed(job.train.seed)
-        adapters.attach(self.c.unet, job.adapter, adapters.UNET_TARGETS, "unet")
-        self.init_state["unet"] = adapters.snapshot(self.c.unet)
-        if self.train_te:
-            adapters.attach(self.c.text_encoder, job.adapter.text_encoder, adapters.TEXT_ENCODER_TARGETS, "text_encoder")
-            self.init_state["text_encoder"] = adapters.snapshot(self.c.text_encoder)
+        for part, spec in self.specs.items():  # the denoiser first: the seed's draws as before text encoders existed
+            adapters.attach(self.c.part(part), spec, self.c.family.targets(part), part)
+            self.init_state[part] = adapters.snapshot(self.c.part(part))
         if job.train.compile:
-            self.c.unet.compile()  # in place: parameter names (and so adapter keys) stay the same
+            self.c.denoiser.compile()  # in place: parameter names (and so adapter keys) stay the same
         return class_images
 
     # ---------------------------------------------------------------- per subject
@@ -75,9 +75,8 @@ class Worker:
         with keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
             work = Path(tmp)
             try:
-                adapters.restore(c.unet, self.init_state["unet"])
-                if self.train_te:
-                    adapters.restore(c.text_encoder, self.init_state["text_encoder"])
+                for part, init in self.init_state.items():
+                    adapters.restore(c.part(part), init)
                 data = prepare_subject(c, job, subject, image_uris(subject), class_images, self.train_te)
                 self.progress.start_subject(subject.id, steps)
                 try:
@@ -110,14 +109,11 @@ class Worker:
         final = work / "final"
         final.mkdir()
         meta = export.describe(job.model.source, job.adapter, job.train.resolution, steps, subject.instance_prompt)
-        trained = export.TrainedAdapter(
-            unet=adapters.adapter_state_dict(c.unet), unet_config=adapters.peft_config(job.adapter, adapters.UNET_TARGETS),
-            unet_spec=job.adapter, metadata=meta)
-        if self.train_te:
-            te_spec = job.adapter.text_encoder
-            trained.text_encoder = adapters.adapter_state_dict(c.text_encoder)
-            trained.text_encoder_config = adapters.peft_config(te_spec, adapters.TEXT_ENCODER_TARGETS)
-            trained.text_encoder_spec = te_spec
+        parts = {part: (adapters.adapter_state_dict(c.part(part)), adapters.peft_config(spec, c.family.targets(part)), spec)
+                 for part, spec in self.specs.items()}
+        trained = export.TrainedAdapter(*parts["unet"], metadata=meta)
+        if "text_encoder" in parts:
+            trained.text_encoder, trained.text_encoder_config, trained.text_encoder_spec = parts["text_encoder"]
         export.write_all(trained, final, job.output.formats, subject.id)
         if (work / "metrics.jsonl").exists():
             (final / "metrics.jsonl").write_bytes((work / "metrics.jsonl").read_bytes())

@@ -1,8 +1,8 @@
 """Image generation with the loaded components: validation samples and prior class images.
 
-The UNet is fp32 while the VAE and text encoder may be in half precision (training.precision),
+The denoiser is fp32 while the VAE and text encoders may be in half precision (training.precision),
 so generation runs under autocast to the half dtype: the pipeline would otherwise feed the text
-encoder's bf16/fp16 embeddings to the fp32 UNet, and the UNet's fp32 latents to the VAE."""
+encoders' bf16/fp16 embeddings to the fp32 denoiser, and its fp32 latents to the VAE."""
 
 from __future__ import annotations
 
@@ -15,15 +15,12 @@ from training.precision import inference_autocast
 
 
 def pipeline(c: Components):
-    """A StableDiffusionPipeline over the loaded (possibly adapted) components, with DDIM
-    (PNDM fails at very few steps), no safety checker."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The family's inference pipeline over the loaded (possibly adapted) components, with DDIM
+    (PNDM fails at very few steps), no safety checker or watermark."""
+    from diffusers import DDIMScheduler
 
-    pipe = StableDiffusionPipeline(
-        unet=c.unet, vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-        scheduler=DDIMScheduler.from_config(c.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    pipe = c.family.pipeline(c)
+    pipe.scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -35,7 +32,7 @@ def generate(c: Components, prompts: list[str], resolution: int, steps: int, gui
     images = []
     for i, prompt in enumerate(prompts):
         gen = torch.Generator("cpu").manual_seed(seed + i)
-        with inference_autocast(c.unet, c.vae, c.text_encoder):
+        with inference_autocast(*c.models().values(), c.vae):
             out = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
                        guidance_scale=guidance, generator=gen, output_type="pil")
         images.append(out.images[0])

@@ -1,11 +1,15 @@
-"""Tiny, randomly initialised Stable Diffusion models and synthetic subjects, for trials and tests.
+"""Tiny, randomly initialised diffusion models and synthetic subjects, for trials and tests.
 
 The weights are random: a model built here trains and samples through exactly the code path of
-a real SD 1.5 checkpoint, in seconds on a CPU, but its images are noise. Nothing is downloaded.
+a real checkpoint of its family, in seconds on a CPU, but its images are noise. Nothing is
+downloaded.
 
-    python -m training.tiny model DIR            # unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    python -m training.tiny model DIR            # SD 1.x layout: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    python -m training.tiny model DIR --family sdxl   # SDXL layout: + text_encoder_2/ tokenizer_2/
+    python -m training.tiny model DIR --shape sd2     # SD 2.x-like UNet (linear projections, 3 blocks), v-prediction
     python -m training.tiny subjects DIR --count 3 --images 4
     python -m training.tiny sd15 DIR             # SD 1.5 layer sizes, random weights (GPU benchmarks)
+    python -m training.tiny sdxl DIR             # SDXL layer sizes, random weights (GPU benchmarks)
 """
 
 from __future__ import annotations
@@ -44,6 +48,19 @@ SHAPES = {
                     sample_size=TINY_RESOLUTION),
         "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4),
     },
+    # SD 2.x's UNet traits: linear projections in the transformers, a head count per block, three
+    # blocks, a wider text encoder (v-prediction is set by the builder)
+    "sd2": {
+        "unet": dict(sample_size=TINY_RESOLUTION // 2, block_out_channels=(32, 64, 64), layers_per_block=1,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                     cross_attention_dim=64, attention_head_dim=(2, 4, 4), use_linear_projection=True,
+                     norm_num_groups=8),
+        "vae": dict(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                    sample_size=TINY_RESOLUTION),
+        "text": dict(hidden_size=64, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4),
+    },
     "sd15": {
         "unet": dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
                      down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -62,26 +79,15 @@ def build_tiny_model(directory: str | Path, seed: int = 0, prediction_type: str 
     shape="sd15" gives SD 1.5's layer sizes (860M-parameter UNet) for GPU measurements."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel
 
     directory = Path(directory)
     torch.manual_seed(seed)
     sizes = SHAPES[shape]
     unet = UNet2DConditionModel(**sizes["unet"])
     vae = AutoencoderKL(**sizes["vae"])
-    tok_dir = directory / "tokenizer"
-    _write_byte_level_tokenizer(tok_dir)
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            **sizes["text"],
-        )
-    )
+    tokenizer = _tokenizer(directory / "tokenizer")
+    text_encoder = CLIPTextModel(_text_config(tokenizer, sizes["text"]))
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type,
@@ -90,6 +96,74 @@ def build_tiny_model(directory: str | Path, seed: int = 0, prediction_type: str 
         unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    pipe.save_pretrained(directory)
+    return directory
+
+
+# SDXL: the UNet takes both encoders' hidden states (cross_attention_dim = their widths' sum) and,
+# through its text_time embedding, the pooled projection plus six size ids
+# (projection_class_embeddings_input_dim = 6 x addition_time_embed_dim + projection_dim)
+SDXL_SHAPES = {
+    "tiny": {
+        "unet": dict(sample_size=TINY_RESOLUTION // 2, block_out_channels=(32, 64), layers_per_block=1,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                     transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=64,
+                     addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=6 * 8 + 32, norm_num_groups=8),
+        "vae": SHAPES["tiny"]["vae"],
+        "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4),
+        "text_2": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=5, num_attention_heads=4,
+                       projection_dim=32),
+    },
+    "sdxl": {
+        "unet": dict(sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
+                     down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                     attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
+                     use_linear_projection=True, cross_attention_dim=2048, addition_embed_type="text_time",
+                     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816),
+        "vae": dict(SHAPES["sd15"]["vae"], sample_size=1024, scaling_factor=0.13025),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+        "text_2": dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                       projection_dim=1280, hidden_act="gelu"),
+    },
+}
+
+
+def _tokenizer(directory: Path):
+    from transformers import CLIPTokenizer
+
+    _write_byte_level_tokenizer(directory)
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=77)
+
+
+def _text_config(tokenizer, sizes: dict):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sizes)
+
+
+def build_tiny_sdxl(directory: str | Path, seed: int = 0, shape: str = "tiny") -> Path:
+    """Save a random-weight SDXL pipeline in the diffusers layout; returns the directory.
+    shape="sdxl" gives SDXL base's layer sizes (2.6B-parameter UNet) for GPU measurements."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    sizes = SDXL_SHAPES[shape]
+    tokenizer, tokenizer_2 = _tokenizer(directory / "tokenizer"), _tokenizer(directory / "tokenizer_2")
+    pipe = StableDiffusionXLPipeline(
+        vae=AutoencoderKL(**sizes["vae"]),
+        text_encoder=CLIPTextModel(_text_config(tokenizer, sizes["text"])),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer_2, sizes["text_2"])),
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=UNet2DConditionModel(**sizes["unet"]),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"),
+        add_watermarker=False)
     pipe.save_pretrained(directory)
     return directory
 
@@ -122,18 +196,28 @@ def main(argv: list[str] | None = None) -> None:
     m = sub.add_parser("model", help="build a tiny random-weight SD model")
     m.add_argument("directory")
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    m.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="default: epsilon; v_prediction for --shape sd2")
+    m.add_argument("--family", default="sd", choices=["sd", "sdxl"])
+    m.add_argument("--shape", default="tiny", choices=["tiny", "sd2"], help="the SD UNet's shape (--family sd)")
     big = sub.add_parser("sd15", help="build an SD 1.5-shaped random-weight model (for GPU benchmarks)")
     big.add_argument("directory")
+    xl = sub.add_parser("sdxl", help="build an SDXL-shaped random-weight model (for GPU benchmarks)")
+    xl.add_argument("directory")
     s = sub.add_parser("subjects", help="write synthetic subject image folders")
     s.add_argument("directory")
     s.add_argument("--count", type=int, default=3)
     s.add_argument("--images", type=int, default=4)
     args = parser.parse_args(argv)
-    if args.what == "model":
-        print(build_tiny_model(args.directory, seed=args.seed, prediction_type=args.prediction_type))
+    if args.what == "model" and args.family == "sdxl":
+        print(build_tiny_sdxl(args.directory, seed=args.seed))
+    elif args.what == "model":
+        kind = args.prediction_type or ("v_prediction" if args.shape == "sd2" else "epsilon")
+        print(build_tiny_model(args.directory, seed=args.seed, prediction_type=kind, shape=args.shape))
     elif args.what == "sd15":
         print(build_tiny_model(args.directory, shape="sd15"))
+    elif args.what == "sdxl":
+        print(build_tiny_sdxl(args.directory, shape="sdxl"))
     else:
         for i in range(args.count):
             print(write_subject_images(Path(args.directory) / f"subject-{i}", i, args.images))

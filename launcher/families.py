@@ -1,0 +1,67 @@
+"""Which model family a diffusers-layout model belongs to, from its own files (no torch).
+
+A family is what the worker's code for it (training/families/) needs the model to hold: its
+component subfolders and the pipeline class it saves as. Detection reads `model_index.json`
+(`_class_name`) and the denoiser's `config.json`, never the model's name; `model.family`
+overrides it where the files cannot be read before a download (a Hub repo id). A layout that
+no family matches is refused with what was found and the families supported, so that
+`launcher validate` stops it before any worker starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    name: str
+    title: str
+    components: tuple[str, ...]  # subfolders the worker loads
+    pipelines: tuple[str, ...]  # model_index.json `_class_name`s of this family
+
+
+LAYOUTS = {
+    "sd": Layout("sd", "Stable Diffusion 1.x/2.x", ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+                 ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")),
+    "sdxl": Layout("sdxl", "Stable Diffusion XL",
+                   ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+                   ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                    "StableDiffusionXLInpaintPipeline")),
+}
+SUPPORTED = ", ".join(f"{layout.name} ({layout.title})" for layout in LAYOUTS.values())
+
+
+class UnknownFamily(ValueError):
+    """The model's files match no supported family; the message says what was found."""
+
+
+def detect(present: set[str], model_index: dict | None, unet_config: dict | None) -> str:
+    """The family name of a model folder holding the subfolders `present`, given its
+    model_index.json and unet/config.json (None where absent)."""
+    pipeline = (model_index or {}).get("_class_name")
+    for layout in LAYOUTS.values():
+        if pipeline in layout.pipelines:
+            return layout.name
+    if unet_config is not None:
+        # no (known) pipeline class: the UNet tells SDXL (pooled text + size conditioning) from SD
+        return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
+    found = f"a {pipeline}" if pipeline else "a model"
+    denoiser = "transformer/" if "transformer" in present else "no unet/"
+    raise UnknownFamily(f"{found} with {denoiser} ({', '.join(sorted(present)) or 'no subfolders'}) is not a "
+                        f"supported family; supported: {SUPPORTED}")
+
+
+def check(name: str, present: set[str], unet_config: dict | None) -> list[str]:
+    """Problems with a model of family `name` (detected or named by model.family)."""
+    layout = LAYOUTS[name]
+    missing = [c for c in layout.components if c not in present]
+    if missing:
+        return [f"lacks the component subfolder(s) {', '.join(missing)} (a {layout.title} model in the diffusers "
+                f"layout has {', '.join(layout.components)})"]
+    text_time = (unet_config or {}).get("addition_embed_type") == "text_time"
+    if unet_config is not None and text_time != (name == "sdxl"):
+        what = "has" if text_time else "lacks"
+        return [f"is named model.family {name} but its UNet {what} SDXL's text_time conditioning "
+                f"(addition_embed_type {unet_config.get('addition_embed_type')!r})"]
+    return []

@@ -1,0 +1,101 @@
+"""Model families: what differs between SD 1.x/2.x, SDXL and (next) DiT models, behind one
+narrow interface, one module per family. Every loop, the priors, the samples and the exporters
+ask the family of the loaded model (`Components.family`) and never test for one.
+
+A family says:
+
+- `parts`: the model parts by subfolder and class (the denoiser first, then the text encoders),
+  `tokenizers` (text encoder -> tokenizer subfolder), and the denoiser's part name;
+- `tokenize(tokenizers, prompts)` -> token ids per text encoder, and
+  `encode(text_encoders, ids)` -> the prompt conditioning (a dict of batched tensors): what is
+  cached while the text encoders are frozen;
+- `image_conditioning(crops)` -> conditioning that depends on the image (SDXL's size and crop
+  ids), from the crop that data loading really made;
+- `predict(denoiser, noisy, timesteps, conditioning)` -> the denoiser's prediction;
+  `draw_timesteps(...)` and `noisy_and_target(...)` -> the training objective: the noised
+  latents and what the denoiser is trained to predict (epsilon, v-prediction; flow matching
+  for a DiT family);
+- `pipeline(components)` -> the inference pipeline for class images and samples;
+- `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes;
+- `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another.
+
+`for_model(cfg, path)` picks the family from the model's files (launcher.families.detect) or
+`model.family`. Adding a family is adding one module here and its tiny model in training.tiny.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from launcher import families as layouts
+from launcher.config import ModelConfig
+from launcher.errors import InputError
+
+
+class Family(Protocol):
+    name: str
+    denoiser: str  # the denoiser's part name (its subfolder): "unet", or "transformer" for a DiT
+    parts: dict[str, str]  # part -> "library:Class", the denoiser first
+    tokenizers: dict[str, str]  # text encoder part -> tokenizer subfolder
+    kohya_prefix: dict[str, str]  # part -> kohya/A1111/ComfyUI key prefix
+
+    def targets(self, part: str) -> dict[str, list[str]]: ...
+
+    def tokenize(self, tokenizers: dict, prompts: list[str]) -> dict[str, torch.Tensor]: ...
+
+    def encode(self, text_encoders: dict[str, torch.nn.Module], ids: dict[str, torch.Tensor]
+               ) -> dict[str, torch.Tensor]: ...
+
+    def image_conditioning(self, crops: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+    def predict(self, denoiser: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor,
+                conditioning: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def draw_timesteps(self, scheduler, n: int, generator: torch.Generator) -> torch.Tensor: ...
+
+    def noisy_and_target(self, scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def pipeline(self, c): ...
+
+    def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype: ...
+
+
+def get(name: str) -> Family:
+    from training.families import sd, sdxl
+
+    return {"sd": sd.FAMILY, "sdxl": sdxl.FAMILY}[name]
+
+
+def for_model(cfg: ModelConfig, path: str | Path) -> Family:
+    """The family of the model in the local folder `path` (model.family, else its files)."""
+    path = Path(path)
+    present = {p.name for p in path.iterdir()} if path.is_dir() else set()
+    model_index, unet = _json(path / "model_index.json"), _json(path / "unet" / "config.json")
+    try:
+        name = layouts.detect(present, model_index, unet) if cfg.family == "auto" else cfg.family
+    except layouts.UnknownFamily as exc:
+        raise InputError(f"model {cfg.source}: {exc}") from None
+    if problems := layouts.check(name, present, unet):
+        raise InputError(f"model {cfg.source} {problems[0]}")
+    return get(name)
+
+
+def _json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})") from None
+
+
+def class_of(spec: str):
+    """The class named by a family's "library:Class" part entry."""
+    library, _, name = spec.partition(":")
+    module = __import__(library)
+    return getattr(module, name)
