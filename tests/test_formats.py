@@ -1,12 +1,18 @@
 """Exported adapters load in third-party loaders and reproduce the PEFT adapter's outputs.
 
-diffusers' non-diffusers LoRA loader reads the kohya LoRA file; lycoris-lora reads the LoHa/LoKr
-files; merge bakes the adapter into full weights. Everything runs on the tiny random model.
+peft's own PeftModel.from_pretrained reads the PEFT folders; diffusers' non-diffusers LoRA loader
+reads the kohya LoRA file; lycoris-lora reads the LoHa/LoKr files; merge bakes the adapter into
+full weights. Everything runs on the tiny random model.
 """
 
 from __future__ import annotations
 
+import re
+import warnings
+from pathlib import Path
+
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 
@@ -139,6 +145,142 @@ def test_diffusers_loads_kohya_lora(tiny_model, tmp_path, with_te):
     got = _pipeline_image(pipe)
     assert abs(expected - base).max() > 1e-3
     assert abs(got - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha", "lokr", "lokr_both"])
+def test_peft_from_pretrained_loads_our_folders(tiny_model, tmp_path, kind):
+    """PEFT's own loader reads adapter/unet and adapter/text_encoder: no missing keys, same output."""
+    from peft import PeftModel
+
+    spec = SPECS[kind]
+    unet, te, trained = _trained(tiny_model, spec, spec)
+    export.write_peft(trained, tmp_path / "adapter")
+    sample, ids = _inputs(unet)
+    base_unet, base_te = _components(tiny_model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # from_pretrained injects the adapter into the model it is given, in place
+        PeftModel.from_pretrained(base_unet, str(tmp_path / "adapter" / "unet"))
+        PeftModel.from_pretrained(base_te, str(tmp_path / "adapter" / "text_encoder"))
+    assert not [w for w in caught if "missing" in str(w.message) or "unexpected" in str(w.message)], \
+        [str(w.message)[:200] for w in caught]
+    expected = _forward(unet, te, sample, ids)
+    assert not torch.allclose(expected, _forward(*_components(tiny_model), sample, ids), atol=ATOL)
+    torch.testing.assert_close(_forward(base_unet.eval(), base_te.eval(), sample, ids), expected, atol=ATOL, rtol=1e-3)
+
+
+def _to_old_key_form(adapter_dir: Path) -> None:
+    """Rewrite a PEFT folder the way dreamfleet wrote it before matching save_pretrained (bare keys)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    for weights in adapter_dir.glob(f"*/{export.PEFT_WEIGHTS}"):
+        with safe_open(str(weights), framework="pt") as f:
+            metadata = f.metadata()
+        state = load_file(str(weights))
+        assert all(k.startswith(export.PEFT_KEY_PREFIX) for k in state)  # the new form, as written
+        save_file({k.removeprefix(export.PEFT_KEY_PREFIX): v for k, v in state.items()}, str(weights), metadata=metadata)
+
+
+def test_readers_accept_the_old_peft_key_form(tiny_model, tmp_path):
+    """Folders from older runs (keys without base_model.model.) still convert and merge exactly."""
+    from training.convert import convert, read
+    from training.merge import merge
+
+    spec = SPECS["lora"]
+    unet, te, trained = _trained(tiny_model, spec, spec)
+    export.write_peft(trained, tmp_path / "adapter")
+    _to_old_key_form(tmp_path / "adapter")
+    back = read(tmp_path / "adapter")
+    for ours, theirs in ((trained.unet, back.unet), (trained.text_encoder, back.text_encoder)):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    # converting rewrites the folder in the new form
+    upgraded = convert(tmp_path / "adapter", tmp_path / "upgraded", "peft")
+    assert all(k.startswith(export.PEFT_KEY_PREFIX) for k in load_file(upgraded / "unet" / export.PEFT_WEIGHTS))
+    merge(tiny_model, tmp_path / "adapter", tmp_path / "merged")
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    m_unet = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet").eval()
+    m_te = CLIPTextModel.from_pretrained(tmp_path / "merged", subfolder="text_encoder").eval()
+    sample, ids = _inputs(unet)
+    torch.testing.assert_close(_forward(m_unet, m_te, sample, ids), _forward(unet, te, sample, ids),
+                               atol=ATOL, rtol=1e-3)
+
+
+def test_kohya_text_encoder_on_minimal_targets_gets_one_noop_out_proj(tiny_model, tmp_path):
+    """q_proj/v_proj alone: the file carries one zero out_proj LoRA (what lets diffusers infer its
+    naming), names it in the header, and convert drops it again."""
+    from safetensors import safe_open
+
+    from training.convert import read
+
+    unet_spec, te_spec = SPECS["lora"], LoraSpec(rank=8)  # text encoder on the default (minimal) targets
+    _, _, trained = _trained(tiny_model, unet_spec, te_spec)
+    path = kohya.write_kohya(trained, tmp_path / "s.safetensors")
+    weights = load_file(str(path))
+    out_proj = sorted({k.partition(".")[0] for k in weights if k.startswith("lora_te_") and "_out_proj" in k})
+    assert out_proj == ["lora_te_text_model_encoder_layers_0_self_attn_out_proj"]
+    assert all(not weights[f"{out_proj[0]}.{f}"].any() for f in ("lora_down.weight", "lora_up.weight"))
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()[kohya.ANCHORS_METADATA] == out_proj[0]
+    back = read(path, tiny_model)
+    assert back.text_encoder.keys() == trained.text_encoder.keys()
+    for key, value in trained.text_encoder.items():
+        torch.testing.assert_close(back.text_encoder[key], value)
+    assert kohya.ANCHORS_METADATA not in back.metadata
+    # with an out_proj of its own, nothing is added
+    _, _, comprehensive = _trained(tiny_model, unet_spec, SPECS["lora"])
+    with safe_open(str(kohya.write_kohya(comprehensive, tmp_path / "c.safetensors")), framework="pt") as f:
+        assert kohya.ANCHORS_METADATA not in f.metadata()
+
+
+def _readme_adapter() -> dict:
+    """The adapter section of the README's job file, as a user would copy it."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## A job file\s+```yaml\n(.*?)```", readme, re.S)
+    assert block, "README.md has no yaml block under '## A job file'"
+    adapter = yaml.safe_load(block.group(1))["adapter"]
+    assert adapter["text_encoder"] == {"type": "lora", "rank": 8}  # the configuration issue 26 names
+    return adapter
+
+
+def test_readme_adapter_loads_in_diffusers_from_both_files(make_job, tiny_model, tmp_path):
+    """A real run with the README's adapter section (text encoder on the default targets): the kohya
+    file and the diffusers file both load with pipe.load_lora_weights and reproduce the PEFT
+    folder loaded with PeftModel.from_pretrained: same text-encoder output, same image."""
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+
+    from conftest import run_worker
+
+    job = make_job(adapter=_readme_adapter(), train={"steps": 2, "learning_rate": 5e-2},
+                   output={"formats": ["peft", "diffusers", "kohya"]})
+    done = run_worker(job)
+    assert done.returncode == 0, done.stderr[-3000:]
+    subject = next((tmp_path / "out").rglob("adapter_config.json")).parent.parent.parent
+    kohya_file = next(p for p in subject.glob("*.safetensors") if p.name != export.DIFFUSERS_WEIGHTS)
+    ids = torch.randint(0, 250, (1, 77), generator=torch.Generator().manual_seed(0))
+
+    def pipeline(load=None):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+        if load is not None:
+            load(pipe)
+        with torch.no_grad():
+            hidden = pipe.text_encoder(ids)[0]
+        return hidden, _pipeline_image(pipe)
+
+    def from_peft(pipe):
+        for part in ("unet", "text_encoder"):
+            PeftModel.from_pretrained(getattr(pipe, part), str(subject / "adapter" / part))
+
+    base_hidden, base_image = pipeline()
+    peft_hidden, peft_image = pipeline(from_peft)
+    assert (peft_hidden - base_hidden).abs().max() > 1e-3 and abs(peft_image - base_image).max() > 1e-3
+    for source in (kohya_file, subject):  # the kohya file; the folder holding pytorch_lora_weights.safetensors
+        hidden, image = pipeline(lambda pipe: pipe.load_lora_weights(str(source)))
+        torch.testing.assert_close(hidden, peft_hidden, atol=ATOL, rtol=1e-3)
+        assert abs(image - peft_image).max() < 1e-4, source.name
 
 
 @pytest.mark.parametrize("kind", ["lora", "loha", "lokr"])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from training.export import read_peft_weights  # either key form of the PEFT folder
 
 from conftest import REPO, run_worker, worker_env
 
@@ -77,7 +78,7 @@ def test_each_adapter_trains_and_writes_the_contract(make_job, tiny_model, kind,
     assert (out.parent.parent / "job.yaml").exists()
 
     # adapter weights moved away from their initial values
-    trained = load_file(out / "adapter" / "unet" / "adapter_model.safetensors")
+    trained = read_peft_weights(out / "adapter" / "unet" / "adapter_model.safetensors")
     start = initial_adapter(tiny_model, ADAPTERS[kind])
     assert trained.keys() == start.keys()
     moved = max((trained[k] - start[k]).abs().max().item() for k in trained)
@@ -135,7 +136,7 @@ def _assert_loaded_exactly(pipe, out: Path) -> None:
     from peft import get_peft_model_state_dict
 
     for part, model in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder)):
-        expected = load_file(out / "adapter" / part / "adapter_model.safetensors")
+        expected = read_peft_weights(out / "adapter" / part / "adapter_model.safetensors")
         name = next(iter(model.peft_config))
         loaded = get_peft_model_state_dict(model, adapter_name=name)
         assert loaded.keys() == expected.keys(), part
@@ -171,7 +172,7 @@ def test_v_prediction_model_trains(tmp_path, subjects_root):
 
 
 def _adapter(job: Path) -> dict[str, torch.Tensor]:
-    return load_file(subject_dir(job) / "adapter" / "unet" / "adapter_model.safetensors")
+    return read_peft_weights(subject_dir(job) / "adapter" / "unet" / "adapter_model.safetensors")
 
 
 def test_resume_after_preemption_matches_a_straight_run(make_job, tmp_path):

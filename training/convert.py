@@ -45,6 +45,7 @@ def spec_from_peft(config):
 
 
 def read_peft(directory: Path) -> export.TrainedAdapter:
+    """A PEFT folder in either key form (PeftModel.save_pretrained's, or the bare one of older runs)."""
     parts = {}
     for part in ("unet", "text_encoder"):
         if (directory / part / "adapter_config.json").exists():
@@ -52,7 +53,7 @@ def read_peft(directory: Path) -> export.TrainedAdapter:
             parts[part] = (state, config, spec_from_peft(config))
     if "unet" not in parts:
         raise InputError(f"{directory}: no PEFT adapter (expected unet/adapter_config.json)")
-    return _adapter(parts, _metadata(directory / "unet" / "adapter_model.safetensors"))
+    return _adapter(parts, _metadata(directory / "unet" / export.PEFT_WEIGHTS))
 
 
 def read_diffusers(path: Path) -> export.TrainedAdapter:
@@ -79,7 +80,7 @@ def read_diffusers(path: Path) -> export.TrainedAdapter:
 def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
     from training.adapters import peft_config
 
-    tensors = _tensors(path)
+    tensors = kohya.drop_anchors(_tensors(path), _header_metadata(path))
     parts = {}
     for part in ("unet", "text_encoder"):
         own = {k: v for k, v in tensors.items() if k.startswith(kohya.PREFIX[part])}
@@ -148,9 +149,11 @@ def _header_metadata(path: Path) -> dict[str, str]:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    """The header's descriptive entries, without those the writers regenerate (peft configs, kohya's ss_*)."""
+    """The header's descriptive entries, without those the writers regenerate (peft configs, kohya's ss_*,
+    the kohya writer's no-op modules)."""
     meta = _header_metadata(path)
-    return {k: v for k, v in meta.items() if k not in ("format", "lora_adapter_metadata") and not k.startswith("ss_")}
+    regenerated = ("format", "lora_adapter_metadata", kohya.ANCHORS_METADATA)
+    return {k: v for k, v in meta.items() if k not in regenerated and not k.startswith("ss_")}
 
 
 def read(path: Path, model_dir: Path | None = None) -> export.TrainedAdapter:

@@ -1,6 +1,7 @@
 """Write a trained adapter in the output contract's formats.
 
-    adapter/unet/, adapter/text_encoder/    PEFT format (adapter_config.json + adapter_model.safetensors)
+    adapter/unet/, adapter/text_encoder/    PEFT format (adapter_config.json + adapter_model.safetensors),
+                                            keys as PeftModel.save_pretrained writes them
     pytorch_lora_weights.safetensors        diffusers format (LoRA): pipe.load_lora_weights(dir)
     <subject id>.safetensors                kohya / A1111 / ComfyUI single file (see training.kohya)
 """
@@ -12,12 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from launcher import __version__
 from launcher.config import AdapterSpec, LoraSpec
 
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+# PeftModel.save_pretrained names every tensor from the PeftModel wrapper down (PeftModel.base_model
+# is the tuner, whose .model is the wrapped model), and PeftModel.from_pretrained places only keys
+# under that prefix; without it every weight is "missing" and lora_B stays at its zero init.
+PEFT_KEY_PREFIX = "base_model.model."
 
 
 @dataclass
@@ -47,16 +53,37 @@ def describe(base_model: str, spec: AdapterSpec, resolution: int, steps: int, in
     }
 
 
-def write_peft(adapter: TrainedAdapter, directory: Path) -> None:
-    parts = [("unet", adapter.unet, adapter.unet_config)]
+def parts(adapter: TrainedAdapter) -> list[tuple[str, dict[str, torch.Tensor], object, AdapterSpec]]:
+    """(part name, peft state, peft config, spec) of every adapted model part, unet first."""
+    found = [("unet", adapter.unet, adapter.unet_config, adapter.unet_spec)]
     if adapter.text_encoder is not None:
-        parts.append(("text_encoder", adapter.text_encoder, adapter.text_encoder_config))
-    for name, state, config in parts:
+        found.append(("text_encoder", adapter.text_encoder, adapter.text_encoder_config, adapter.text_encoder_spec))
+    return found
+
+
+def to_peft_file_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our in-memory keys (get_peft_model_state_dict of the bare model) -> the saved PeftModel's."""
+    return {PEFT_KEY_PREFIX + k: v.contiguous() for k, v in state.items()}
+
+
+def from_peft_file_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A PEFT folder's keys -> our in-memory keys. Accepts both the PeftModel form and the bare
+    form that dreamfleet wrote before it matched save_pretrained (such outputs exist)."""
+    return {k.removeprefix(PEFT_KEY_PREFIX): v for k, v in state.items()}
+
+
+def read_peft_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The adapter weights of one part's adapter_model.safetensors, in our in-memory key form."""
+    return from_peft_file_keys(load_file(str(path)))
+
+
+def write_peft(adapter: TrainedAdapter, directory: Path) -> None:
+    """One folder per part that `PeftModel.from_pretrained(model, directory / part)` loads as is."""
+    for name, state, config, _ in parts(adapter):
         target = directory / name
         target.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(str(target))
-        save_file({k: v.contiguous() for k, v in state.items()}, str(target / "adapter_model.safetensors"),
-                  metadata={"format": "pt", **adapter.metadata})
+        save_file(to_peft_file_keys(state), str(target / PEFT_WEIGHTS), metadata={"format": "pt", **adapter.metadata})
 
 
 def write_diffusers(adapter: TrainedAdapter, directory: Path) -> Path | None:
@@ -65,15 +92,14 @@ def write_diffusers(adapter: TrainedAdapter, directory: Path) -> Path | None:
         return None
     if adapter.text_encoder is not None and not isinstance(adapter.text_encoder_spec, LoraSpec):
         return None
-    # peft-named keys under unet./text_encoder.: what diffusers' loader reads back losslessly
-    # (its legacy "lora.down" naming loses the attention projections on the way back)
-    tensors = {f"unet.{k}": v for k, v in adapter.unet.items()}
+    # peft-named keys under the part's name (unet., text_encoder.): what diffusers' loader reads back
+    # losslessly (its legacy "lora.down" naming loses the attention projections on the way back).
     # diffusers reads each model's peft config (rank, alpha, targets) from one JSON entry whose
-    # keys carry the model prefix; without it, it assumes alpha = rank
-    configs = {f"unet.{k}": v for k, v in _peft_config_dict(adapter.unet_config).items()}
-    if adapter.text_encoder is not None:
-        tensors.update({f"text_encoder.{k}": v for k, v in adapter.text_encoder.items()})
-        configs.update({f"text_encoder.{k}": v for k, v in _peft_config_dict(adapter.text_encoder_config).items()})
+    # keys carry the same prefix; without it, it assumes alpha = rank
+    tensors, configs = {}, {}
+    for name, state, config, _ in parts(adapter):
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+        configs.update({f"{name}.{k}": v for k, v in _peft_config_dict(config).items()})
     metadata = {"lora_adapter_metadata": json.dumps(configs, sort_keys=True), **adapter.metadata}
     metadata["format"] = "pt"
     path = directory / DIFFUSERS_WEIGHTS

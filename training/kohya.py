@@ -4,6 +4,10 @@ Keys are `lora_unet_<module path with '_'>` and `lora_te_<...>` followed by the 
 LoRA `lora_down.weight` / `lora_up.weight`, LoHa `hada_w1_a` ... `hada_t2`, LoKr `lokr_w1` ...,
 and one `.alpha` scalar per module. This is the naming that kohya's sd-scripts, A1111,
 ComfyUI, LyCORIS and diffusers' non-diffusers LoRA loader all read for SD 1.x/2.x.
+
+A text-encoder LoRA without any `out_proj` module (the `minimal` targets, q_proj and v_proj) gets one
+zero LoRA on an `out_proj` so that diffusers can read the file (see `_anchor`); it is a no-op in
+every loader, listed in the header under ANCHORS_METADATA and dropped again by `drop_anchors`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from safetensors.torch import save_file
 PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
 _LORA_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 _KOHYA_TO_LORA = {v: k for k, v in _LORA_TO_KOHYA.items()}
+# header entry naming the no-op modules written only so that diffusers can read the file
+ANCHORS_METADATA = "dreamfleet_noop_modules"
 _FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2",
                  "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -109,15 +115,55 @@ def _module_rank(factors: dict[str, torch.Tensor]) -> int:
     return 1
 
 
+def _anchor(tensors: dict[str, torch.Tensor], part: str) -> list[str]:
+    """Add a zero `out_proj` LoRA to a text-encoder part that has attention LoRAs but none on an
+    out_proj; returns the kohya module names added.
+
+    diffusers' non-diffusers loader renames a text encoder's q/k/v/out_proj LoRAs to its legacy
+    `to_q_lora`/.../`to_out_lora` names and then recognises that naming by a `to_out_lora` key
+    alone (`convert_state_dict_to_diffusers` in diffusers 0.42): q/v alone, or q/v beside fc1,
+    fails with "Could not automatically infer state dict type". kohya's sd-scripts always trains
+    out_proj, so its files never meet this.
+    Down and up are zero, so the module adds exactly nothing; the shapes are the attention module's
+    (CLIP's q/k/v/out projections are all hidden x hidden).
+    """
+    prefix = PREFIX[part]
+    if not prefix.startswith("lora_te"):
+        return []
+    modules = {k.partition(".")[0] for k in tensors if k.startswith(prefix)}
+    attention = sorted(m for m in modules if m.endswith(("_q_proj", "_k_proj", "_v_proj"))
+                       and f"{m}.lora_down.weight" in tensors)
+    if not attention or any(m.endswith("_out_proj") for m in modules):
+        return []
+    source = attention[0]
+    name = source.rsplit("_", 2)[0] + "_out_proj"  # ..._self_attn_q_proj -> ..._self_attn_out_proj
+    for factor in ("lora_down.weight", "lora_up.weight"):
+        tensors[f"{name}.{factor}"] = torch.zeros_like(tensors[f"{source}.{factor}"])
+    tensors[f"{name}.alpha"] = tensors[f"{source}.alpha"].clone()
+    return [name]
+
+
+def drop_anchors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, torch.Tensor]:
+    """The file's tensors without the no-op modules `_anchor` added (named in its header)."""
+    anchors = set(filter(None, metadata.get(ANCHORS_METADATA, "").split(",")))
+    return {k: v for k, v in tensors.items() if k.partition(".")[0] not in anchors}
+
+
 def write_kohya(adapter, path: Path) -> Path:
     """Write one subject's adapter (an export.TrainedAdapter) as a single kohya-style file."""
-    tensors = to_kohya(adapter.unet, "unet", adapter.unet_spec.effective_alpha, adapter.unet_spec.rank)
-    if adapter.text_encoder is not None:
-        tensors.update(to_kohya(adapter.text_encoder, "text_encoder", adapter.text_encoder_spec.effective_alpha,
-                                adapter.text_encoder_spec.rank))
+    from training.export import parts
+
+    tensors: dict[str, torch.Tensor] = {}
+    anchors: list[str] = []
+    for part, state, _, spec in parts(adapter):
+        own = to_kohya(state, part, spec.effective_alpha, spec.rank)
+        anchors += _anchor(own, part)
+        tensors.update(own)
     metadata = {"ss_network_module": _network_module(adapter.unet_spec.type),
                 "ss_network_dim": str(adapter.unet_spec.rank),
                 "ss_network_alpha": str(adapter.unet_spec.effective_alpha), **adapter.metadata}
+    if anchors:
+        metadata[ANCHORS_METADATA] = ",".join(anchors)
     save_file(tensors, str(path), metadata=metadata)
     return path
 

@@ -49,13 +49,15 @@ def check_model(model_dir: Path, parts) -> None:
 
 
 def read_adapter_part(directory: Path):
-    """(peft config, weights) of one part's PEFT folder (unet/ or text_encoder/); a corrupt or
-    missing file is the user's to fix, so it is named rather than raised from deep in peft."""
+    """(peft config, weights in our in-memory key form) of one part's PEFT folder (unet/ or
+    text_encoder/); a corrupt or missing file is the user's to fix, so it is named rather than
+    raised from deep in peft."""
     from peft import PeftConfig
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    config_file, weights_file = directory / "adapter_config.json", directory / "adapter_model.safetensors"
+    from training.export import PEFT_WEIGHTS, read_peft_weights
+
+    config_file, weights_file = directory / "adapter_config.json", directory / PEFT_WEIGHTS
     try:
         config = PeftConfig.from_pretrained(str(directory))
     except (OSError, ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
@@ -63,7 +65,7 @@ def read_adapter_part(directory: Path):
     if getattr(config, "peft_type", None) is None:
         raise InputError(f"{config_file} is not a valid PEFT adapter config: it names no peft_type")
     try:
-        state = load_file(str(weights_file))
+        state = read_peft_weights(weights_file)  # either key form: old outputs exist
     except (OSError, SafetensorError) as exc:
         raise InputError(f"{weights_file} cannot be read: {one_line(exc)}") from None
     return config, state
