@@ -37,7 +37,7 @@ def test_ddp_equals_one_process_with_the_same_global_batch(make_job, tmp_path):
     ddp = run_worker(make_job(n_subjects=2, name="ddp", train={**train, "batch_size": 1, "gradient_checkpointing": True},
                               distributed={"strategy": "ddp", "nproc_per_node": 2}), nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    assert "gradient checkpointing on the UNet" in ddp.stderr
+    assert "gradient checkpointing on the unet" in ddp.stderr
     for sid in ("s0", "s1"):
         assert max_diff(adapter(tmp_path, "one", sid=sid), adapter(tmp_path, "ddp", sid=sid)) < 1e-5, sid
 

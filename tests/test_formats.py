@@ -18,6 +18,9 @@ from safetensors.torch import load_file
 
 from launcher.config import LohaSpec, LokrSpec, LoraSpec
 from training import adapters, export, kohya
+from training.families.sd import FAMILY as SD
+
+PREFIX = SD.kohya_prefix
 
 ATOL = 1e-4
 
@@ -43,15 +46,14 @@ def _trained(tiny_model, spec, te_spec=None, seed=1):
     unet, te = _components(tiny_model)
     adapters.attach(unet, spec, adapters.UNET_TARGETS, "unet")
     _randomize(unet, seed)
-    trained = export.TrainedAdapter(unet=adapters.adapter_state_dict(unet),
-                                    unet_config=adapters.peft_config(spec, adapters.UNET_TARGETS), unet_spec=spec,
-                                    metadata={"adapter_type": spec.type})
+    trained = export.TrainedAdapter(
+        {"unet": export.Part(adapters.adapter_state_dict(unet), adapters.peft_config(spec, adapters.UNET_TARGETS), spec)},
+        metadata={"adapter_type": spec.type})
     if te_spec is not None:
         adapters.attach(te, te_spec, adapters.TEXT_ENCODER_TARGETS, "text_encoder")
         _randomize(te, seed + 1)
-        trained.text_encoder = adapters.adapter_state_dict(te)
-        trained.text_encoder_config = adapters.peft_config(te_spec, adapters.TEXT_ENCODER_TARGETS)
-        trained.text_encoder_spec = te_spec
+        trained.parts["text_encoder"] = export.Part(adapters.adapter_state_dict(te),
+                                                    adapters.peft_config(te_spec, adapters.TEXT_ENCODER_TARGETS), te_spec)
     return unet.eval(), te.eval(), trained
 
 
@@ -192,7 +194,7 @@ def test_readers_accept_the_old_peft_key_form(tiny_model, tmp_path):
     export.write_peft(trained, tmp_path / "adapter")
     _to_old_key_form(tmp_path / "adapter")
     back = read(tmp_path / "adapter")
-    for ours, theirs in ((trained.unet, back.unet), (trained.text_encoder, back.text_encoder)):
+    for ours, theirs in ((trained.parts["unet"].state, back.parts["unet"].state), (trained.parts["text_encoder"].state, back.parts["text_encoder"].state)):
         assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     # converting rewrites the folder in the new form
     upgraded = convert(tmp_path / "adapter", tmp_path / "upgraded", "peft")
@@ -225,9 +227,9 @@ def test_kohya_text_encoder_on_minimal_targets_gets_one_noop_out_proj(tiny_model
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata()[kohya.ANCHORS_METADATA] == out_proj[0]
     back = read(path, tiny_model)
-    assert back.text_encoder.keys() == trained.text_encoder.keys()
-    for key, value in trained.text_encoder.items():
-        torch.testing.assert_close(back.text_encoder[key], value)
+    assert back.parts["text_encoder"].state.keys() == trained.parts["text_encoder"].state.keys()
+    for key, value in trained.parts["text_encoder"].state.items():
+        torch.testing.assert_close(back.parts["text_encoder"].state[key], value)
     assert kohya.ANCHORS_METADATA not in back.metadata
     # with an out_proj of its own, nothing is added
     _, _, comprehensive = _trained(tiny_model, unet_spec, SPECS["lora"])
@@ -287,9 +289,10 @@ def test_readme_adapter_loads_in_diffusers_from_both_files(make_job, tiny_model,
 def test_peft_kohya_peft_round_trip(tiny_model, kind):
     unet, te, trained = _trained(tiny_model, SPECS[kind], SPECS[kind])
     spec = SPECS[kind]
-    for part, model, state in (("unet", unet, trained.unet), ("text_encoder", te, trained.text_encoder)):
+    for part, model in (("unet", unet), ("text_encoder", te)):
+        state = trained.parts[part].state
         names = [n for n, _ in model.named_modules()]
-        back = kohya.from_kohya(kohya.to_kohya(state, part, spec.effective_alpha, spec.rank), part, names,
+        back = kohya.from_kohya(kohya.to_kohya(state, PREFIX[part], spec.effective_alpha, spec.rank), PREFIX[part], names,
                                 spec.effective_alpha, spec.rank)
         assert back.keys() == state.keys()
         for key in state:
@@ -333,15 +336,15 @@ def test_real_run_converts_and_merges(make_job, tiny_model, tmp_path):
     from training.convert import read
 
     ours, theirs = read(subject / "adapter"), read(tmp_path / "peft")
-    for key, value in ours.unet.items():
-        torch.testing.assert_close(theirs.unet[key], value)
+    for key, value in ours.parts["unet"].state.items():
+        torch.testing.assert_close(theirs.parts["unet"].state[key], value)
     from diffusers import UNet2DConditionModel
 
     unet, te = _components(tiny_model)
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
-    inject_adapter_in_model(ours.unet_config, unet, adapter_name="default")
-    set_peft_model_state_dict(unet, ours.unet, adapter_name="default")
+    inject_adapter_in_model(ours.parts["unet"].config, unet, adapter_name="default")
+    set_peft_model_state_dict(unet, ours.parts["unet"].state, adapter_name="default")
     merged = UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet").eval()
     sample, ids = _inputs(unet)
     torch.testing.assert_close(_forward(merged, te, sample, ids), _forward(unet.eval(), te, sample, ids),
@@ -356,8 +359,8 @@ def test_diffusers_file_converts_back_to_peft(tiny_model, tmp_path):
     export.write_peft(trained, tmp_path / "adapter")
     path = convert(tmp_path / "adapter", tmp_path / "diffusers", "diffusers")
     back = read(convert(path, tmp_path / "peft", "peft"))
-    assert back.unet_spec.effective_alpha == SPECS["lora"].effective_alpha
-    for ours, theirs in ((trained.unet, back.unet), (trained.text_encoder, back.text_encoder)):
+    assert back.parts["unet"].spec.effective_alpha == SPECS["lora"].effective_alpha
+    for ours, theirs in ((trained.parts["unet"].state, back.parts["unet"].state), (trained.parts["text_encoder"].state, back.parts["text_encoder"].state)):
         assert ours.keys() == theirs.keys()
         for key in ours:
             torch.testing.assert_close(theirs[key], ours[key])

@@ -2,7 +2,7 @@
 
     python -m training.convert IN OUT --to peft|diffusers|kohya [--model MODEL_DIR]
 
-IN is a PEFT adapter folder (unet/ and optionally text_encoder/), a diffusers LoRA file, or a
+IN is a PEFT adapter folder (unet/ and optionally text_encoder/, text_encoder_2/), a diffusers LoRA file, or a
 kohya/A1111/ComfyUI/LyCORIS single file (LoRA, LoHa, LoKr). Reading a kohya file needs the base
 model (--model) because its keys flatten module paths ('.' -> '_'). OUT is a folder for --to peft
 and diffusers, a .safetensors file for --to kohya.
@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 from launcher.config import LohaSpec, LokrSpec, LoraSpec
 from launcher.errors import InputError, UserError
-from training import export, kohya
-from training.tools import fail, load_part, one_line, quiet_libraries, read_adapter_part
+from training import export, families, kohya
+from training.tools import fail, load_part, model_family, one_line, quiet_libraries, read_adapter_part
 
 TARGETS = ("peft", "diffusers", "kohya")
 
@@ -47,10 +47,10 @@ def spec_from_peft(config):
 def read_peft(directory: Path) -> export.TrainedAdapter:
     """A PEFT folder in either key form (PeftModel.save_pretrained's, or the bare one of older runs)."""
     parts = {}
-    for part in ("unet", "text_encoder"):
+    for part in families.PARTS:
         if (directory / part / "adapter_config.json").exists():
             config, state = read_adapter_part(directory / part)
-            parts[part] = (state, config, spec_from_peft(config))
+            parts[part] = export.Part(state, config, spec_from_peft(config))
     if "unet" not in parts:
         raise InputError(f"{directory}: no PEFT adapter (expected unet/adapter_config.json)")
     return _adapter(parts, _metadata(directory / "unet" / export.PEFT_WEIGHTS))
@@ -66,12 +66,12 @@ def read_diffusers(path: Path) -> export.TrainedAdapter:
                          "(pipe.load_lora_weights) or pass the kohya file instead")
     configs = json.loads(meta["lora_adapter_metadata"])
     parts = {}
-    for part in ("unet", "text_encoder"):
+    for part in families.PARTS:
         state = {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")}
         if state:
             cfg = {k[len(part) + 1:]: v for k, v in configs.items() if k.startswith(part + ".")}
             config = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
-            parts[part] = (state, config, spec_from_peft(config))
+            parts[part] = export.Part(state, config, spec_from_peft(config))
     if "unet" not in parts:
         raise InputError(f"{path}: no unet.* keys")
     return _adapter(parts, _metadata(path))
@@ -81,21 +81,27 @@ def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
     from training.adapters import peft_config
 
     tensors = kohya.drop_anchors(_tensors(path), _header_metadata(path))
+    family = model_family(model_dir)
     parts = {}
-    for part in ("unet", "text_encoder"):
-        own = {k: v for k, v in tensors.items() if k.startswith(kohya.PREFIX[part])}
+    for part, prefix in family.kohya_prefix.items():
+        own = {k: v for k, v in tensors.items() if k.startswith(prefix)}
         if not own:
             continue
         names = [n for n, _ in load_part(model_dir, part).named_modules()]
         spec = _spec_from_kohya(own, names, part)
-        state = kohya.from_kohya(own, part, names, spec.effective_alpha, spec.rank)
+        state = kohya.from_kohya(own, prefix, names, spec.effective_alpha, spec.rank)
         # exact module paths as targets, so peft adapts precisely the modules in the file
         spec = spec.model_copy(update={"targets": sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else
                                                           k.rsplit(".", 1)[0] for k in state})})
-        parts[part] = (state, peft_config(spec, {}), spec)
+        parts[part] = export.Part(state, peft_config(spec, {}), spec)
     if "unet" not in parts:
         raise InputError(f"{path}: no lora_unet_* keys")
-    return _adapter(parts, _metadata(path))
+    foreign = sorted({k.split(".")[0].split("_", 2)[1] for k in tensors
+                      if not k.startswith(tuple(family.kohya_prefix.values()))})
+    if foreign:
+        raise InputError(f"{path} has keys for parts a {family.name} model lacks (lora_{'_*, lora_'.join(foreign)}_*); "
+                         "is --model the model it was trained on?")
+    return _adapter(parts, {**_metadata(path), export.FAMILY_METADATA: family.name})
 
 
 def _spec_from_kohya(tensors, names, part):
@@ -116,12 +122,8 @@ def _spec_from_kohya(tensors, names, part):
     raise ValueError(f"unrecognised {part} adapter keys: {sorted(factors)[:5]}")
 
 
-def _adapter(parts, metadata) -> export.TrainedAdapter:
-    state, config, spec = parts["unet"]
-    adapter = export.TrainedAdapter(unet=state, unet_config=config, unet_spec=spec, metadata=metadata)
-    if "text_encoder" in parts:
-        adapter.text_encoder, adapter.text_encoder_config, adapter.text_encoder_spec = parts["text_encoder"]
-    return adapter
+def _adapter(parts: dict[str, export.Part], metadata: dict[str, str]) -> export.TrainedAdapter:
+    return export.TrainedAdapter(parts, families.of_adapter(parts, metadata), metadata)
 
 
 def _keys(path: Path) -> list[str]:
@@ -165,9 +167,11 @@ def read(path: Path, model_dir: Path | None = None) -> export.TrainedAdapter:
             path = path / "adapter"
         return read_peft(path)
     keys = _keys(path)
-    if not any(k.startswith(("lora_unet_", "lora_te_", "unet.", "text_encoder.")) for k in keys):
-        raise InputError(f"{path} holds no adapter weights (no lora_unet_*, lora_te_*, unet.* or text_encoder.* keys)")
-    if any(k.startswith("lora_unet_") or k.startswith("lora_te_") for k in keys):
+    kohya_keys = ("lora_unet_", kohya.TEXT_ENCODER_PREFIX)
+    if not any(k.startswith((*kohya_keys, *(f"{part}." for part in families.PARTS))) for k in keys):
+        raise InputError(f"{path} holds no adapter weights (no lora_unet_*, lora_te*_*, unet.*, text_encoder.* or "
+                         "text_encoder_2.* keys)")
+    if any(k.startswith(kohya_keys) for k in keys):
         if model_dir is None:
             raise InputError(f"{path} is a kohya/LyCORIS file: pass --model MODEL_DIR to map its keys")
         return read_kohya(path, Path(model_dir))
@@ -198,7 +202,7 @@ def _check_dst(adapter: export.TrainedAdapter, dst: Path, to: str) -> None:
         raise InputError(f"{dst} is a folder; --to kohya writes one .safetensors file")
     if to != "kohya" and dst.exists() and not dst.is_dir():
         raise InputError(f"{dst} exists and is not a folder; --to {to} writes a folder")
-    specs = [s for s in (adapter.unet_spec, adapter.text_encoder_spec) if s is not None]
+    specs = [part.spec for part in adapter.parts.values()]
     if to == "diffusers" and not all(isinstance(s, LoraSpec) for s in specs):  # export.write_diffusers' rule
         raise InputError("diffusers' LoRA format holds LoRA only; convert LoHa/LoKr to peft or kohya")
 

@@ -1,6 +1,6 @@
 """Write a trained adapter in the output contract's formats.
 
-    adapter/unet/, adapter/text_encoder/    PEFT format (adapter_config.json + adapter_model.safetensors),
+    adapter/unet/, adapter/text_encoder/, adapter/text_encoder_2/ (SDXL)   PEFT format (adapter_config.json + adapter_model.safetensors),
                                             keys as PeftModel.save_pretrained writes them
     pytorch_lora_weights.safetensors        diffusers format (LoRA): pipe.load_lora_weights(dir)
     <subject id>.safetensors                kohya / A1111 / ComfyUI single file (see training.kohya)
@@ -27,23 +27,38 @@ PEFT_KEY_PREFIX = "base_model.model."
 
 
 @dataclass
-class TrainedAdapter:
-    """One subject's adapter weights (peft key format) with what is needed to describe them."""
+class Part:
+    """One adapted model part's weights (our in-memory peft key form), peft config and job spec."""
 
-    unet: dict[str, torch.Tensor]
-    unet_config: object  # peft config
-    unet_spec: AdapterSpec
-    text_encoder: dict[str, torch.Tensor] | None = None
-    text_encoder_config: object | None = None
-    text_encoder_spec: AdapterSpec | None = None
+    state: dict[str, torch.Tensor]
+    config: object  # peft config
+    spec: AdapterSpec
+
+
+@dataclass
+class TrainedAdapter:
+    """One subject's adapters, by part (the denoiser first: "unet", then "text_encoder",
+    "text_encoder_2"), with the model family that names their export keys."""
+
+    parts: dict[str, Part]
+    family: str = "sd"
     metadata: dict[str, str] = field(default_factory=dict)
 
+    @property
+    def denoiser(self) -> Part:
+        return next(iter(self.parts.values()))
 
-def describe(base_model: str, spec: AdapterSpec, resolution: int, steps: int, instance_prompt: str) -> dict[str, str]:
+
+FAMILY_METADATA = "dreamfleet_family"
+
+
+def describe(base_model: str, spec: AdapterSpec, resolution: int, steps: int, instance_prompt: str,
+             family: str) -> dict[str, str]:
     """Metadata stored in every safetensors header (strings only, as the format requires)."""
     return {
         "dreamfleet_version": __version__,
         "base_model": base_model,
+        FAMILY_METADATA: family,
         "adapter_type": spec.type,
         "rank": str(spec.rank),
         "alpha": str(spec.effective_alpha),
@@ -51,14 +66,6 @@ def describe(base_model: str, spec: AdapterSpec, resolution: int, steps: int, in
         "steps": str(steps),
         "instance_prompt": instance_prompt,
     }
-
-
-def parts(adapter: TrainedAdapter) -> list[tuple[str, dict[str, torch.Tensor], object, AdapterSpec]]:
-    """(part name, peft state, peft config, spec) of every adapted model part, unet first."""
-    found = [("unet", adapter.unet, adapter.unet_config, adapter.unet_spec)]
-    if adapter.text_encoder is not None:
-        found.append(("text_encoder", adapter.text_encoder, adapter.text_encoder_config, adapter.text_encoder_spec))
-    return found
 
 
 def to_peft_file_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -79,27 +86,26 @@ def read_peft_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def write_peft(adapter: TrainedAdapter, directory: Path) -> None:
     """One folder per part that `PeftModel.from_pretrained(model, directory / part)` loads as is."""
-    for name, state, config, _ in parts(adapter):
+    for name, part in adapter.parts.items():
         target = directory / name
         target.mkdir(parents=True, exist_ok=True)
-        config.save_pretrained(str(target))
-        save_file(to_peft_file_keys(state), str(target / PEFT_WEIGHTS), metadata={"format": "pt", **adapter.metadata})
+        part.config.save_pretrained(str(target))
+        save_file(to_peft_file_keys(part.state), str(target / PEFT_WEIGHTS), metadata={"format": "pt", **adapter.metadata})
 
 
 def write_diffusers(adapter: TrainedAdapter, directory: Path) -> Path | None:
     """diffusers' LoRA file, with the peft configs (so alpha survives) in its metadata."""
-    if not isinstance(adapter.unet_spec, LoraSpec):
+    if not all(isinstance(part.spec, LoraSpec) for part in adapter.parts.values()):
         return None
-    if adapter.text_encoder is not None and not isinstance(adapter.text_encoder_spec, LoraSpec):
-        return None
-    # peft-named keys under the part's name (unet., text_encoder.): what diffusers' loader reads back
+    # peft-named keys under the part's name (unet., text_encoder., text_encoder_2.: the attribute names
+    # of diffusers' pipelines, which its loaders route by): what diffusers' loader reads back
     # losslessly (its legacy "lora.down" naming loses the attention projections on the way back).
     # diffusers reads each model's peft config (rank, alpha, targets) from one JSON entry whose
     # keys carry the same prefix; without it, it assumes alpha = rank
     tensors, configs = {}, {}
-    for name, state, config, _ in parts(adapter):
-        tensors.update({f"{name}.{k}": v for k, v in state.items()})
-        configs.update({f"{name}.{k}": v for k, v in _peft_config_dict(config).items()})
+    for name, part in adapter.parts.items():
+        tensors.update({f"{name}.{k}": v for k, v in part.state.items()})
+        configs.update({f"{name}.{k}": v for k, v in _peft_config_dict(part.config).items()})
     metadata = {"lora_adapter_metadata": json.dumps(configs, sort_keys=True), **adapter.metadata}
     metadata["format"] = "pt"
     path = directory / DIFFUSERS_WEIGHTS

@@ -1,9 +1,10 @@
 """The kohya / AUTOMATIC1111 / ComfyUI single-file format, with LyCORIS keys for LoHa and LoKr.
 
-Keys are `lora_unet_<module path with '_'>` and `lora_te_<...>` followed by the factor name:
+Keys are `lora_unet_<module path with '_'>` and `lora_te_<...>` (SDXL: `lora_te1_`, `lora_te2_`;
+the prefixes are the model family's `kohya_prefix`) followed by the factor name:
 LoRA `lora_down.weight` / `lora_up.weight`, LoHa `hada_w1_a` ... `hada_t2`, LoKr `lokr_w1` ...,
 and one `.alpha` scalar per module. This is the naming that kohya's sd-scripts, A1111,
-ComfyUI, LyCORIS and diffusers' non-diffusers LoRA loader all read for SD 1.x/2.x.
+ComfyUI, LyCORIS and diffusers' non-diffusers LoRA loader all read for SD 1.x/2.x and SDXL.
 
 A text-encoder LoRA without any `out_proj` module (the `minimal` targets, q_proj and v_proj) gets one
 zero LoRA on an `out_proj` so that diffusers can read the file (see `_anchor`); it is a no-op in
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+TEXT_ENCODER_PREFIX = "lora_te"  # the text encoders' prefixes (lora_te_, lora_te1_, lora_te2_) start so
 _LORA_TO_KOHYA = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
 _KOHYA_TO_LORA = {v: k for k, v in _LORA_TO_KOHYA.items()}
 # header entry naming the no-op modules written only so that diffusers can read the file
@@ -45,18 +46,23 @@ def _lokr_full(factors) -> bool:
     return "lokr_w1" in factors and "lokr_w2" in factors
 
 
-def to_kohya(state: dict[str, torch.Tensor], part: str, alpha: float, rank: int) -> dict[str, torch.Tensor]:
-    """peft adapter keys of one model -> kohya/LyCORIS keys with a per-module `.alpha`."""
+def _text_encoder(prefix: str) -> bool:
+    return prefix.startswith(TEXT_ENCODER_PREFIX)
+
+
+def to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float, rank: int) -> dict[str, torch.Tensor]:
+    """peft adapter keys of one model -> kohya/LyCORIS keys under `prefix` (the family's
+    kohya_prefix of the part) with a per-module `.alpha`."""
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
         module, factor = _split(key)
         modules.setdefault(module, {})[factor] = value
     out: dict[str, torch.Tensor] = {}
     for module, factors in modules.items():
-        if part == "text_encoder" and not module.startswith("text_model."):
+        if _text_encoder(prefix) and not module.startswith("text_model."):
             # transformers 5 flattened CLIPTextModel; kohya/A1111/ComfyUI keys keep "text_model"
             module = "text_model." + module
-        name = PREFIX[part] + module.replace(".", "_")
+        name = prefix + module.replace(".", "_")
         if _lokr_full(factors):
             factors = {**factors, "lokr_w2": factors["lokr_w2"] * (alpha / rank)}
         for factor, value in factors.items():
@@ -65,7 +71,7 @@ def to_kohya(state: dict[str, torch.Tensor], part: str, alpha: float, rank: int)
     return out
 
 
-def from_kohya(tensors: dict[str, torch.Tensor], part: str, module_names: list[str], alpha: float, rank: int
+def from_kohya(tensors: dict[str, torch.Tensor], prefix: str, module_names: list[str], alpha: float, rank: int
                ) -> dict[str, torch.Tensor]:
     """kohya/LyCORIS keys of one model -> peft keys, for a peft config with this alpha and rank.
 
@@ -75,16 +81,16 @@ def from_kohya(tensors: dict[str, torch.Tensor], part: str, module_names: list[s
     """
     by_flat = {}
     for name in module_names:
-        by_flat[PREFIX[part] + name.replace(".", "_")] = name
-        if part == "text_encoder":
-            by_flat[PREFIX[part] + ("text_model." + name).replace(".", "_")] = name
+        by_flat[prefix + name.replace(".", "_")] = name
+        if _text_encoder(prefix):
+            by_flat[prefix + ("text_model." + name).replace(".", "_")] = name
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if not key.startswith(PREFIX[part]):
+        if not key.startswith(prefix):
             continue
         flat, _, factor = key.partition(".")
         if flat not in by_flat:
-            raise ValueError(f"{key}: no module of the {part} is named {flat!r}")
+            raise ValueError(f"{key}: no module of the model part is named {flat!r}")
         modules.setdefault(by_flat[flat], {})[factor] = value
     out: dict[str, torch.Tensor] = {}
     for module, factors in modules.items():
@@ -115,7 +121,7 @@ def _module_rank(factors: dict[str, torch.Tensor]) -> int:
     return 1
 
 
-def _anchor(tensors: dict[str, torch.Tensor], part: str) -> list[str]:
+def _anchor(tensors: dict[str, torch.Tensor], prefix: str) -> list[str]:
     """Add a zero `out_proj` LoRA to a text-encoder part that has attention LoRAs but none on an
     out_proj; returns the kohya module names added.
 
@@ -127,8 +133,7 @@ def _anchor(tensors: dict[str, torch.Tensor], part: str) -> list[str]:
     Down and up are zero, so the module adds exactly nothing; the shapes are the attention module's
     (CLIP's q/k/v/out projections are all hidden x hidden).
     """
-    prefix = PREFIX[part]
-    if not prefix.startswith("lora_te"):
+    if not _text_encoder(prefix):
         return []
     modules = {k.partition(".")[0] for k in tensors if k.startswith(prefix)}
     attention = sorted(m for m in modules if m.endswith(("_q_proj", "_k_proj", "_v_proj"))
@@ -150,18 +155,20 @@ def drop_anchors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
 
 def write_kohya(adapter, path: Path) -> Path:
-    """Write one subject's adapter (an export.TrainedAdapter) as a single kohya-style file."""
-    from training.export import parts
+    """Write one subject's adapter (an export.TrainedAdapter) as a single kohya-style file, with
+    the key prefixes of its model family (SD: lora_unet_, lora_te_; SDXL: lora_te1_, lora_te2_)."""
+    from training import families
 
+    prefixes = families.get(adapter.family).kohya_prefix
     tensors: dict[str, torch.Tensor] = {}
     anchors: list[str] = []
-    for part, state, _, spec in parts(adapter):
-        own = to_kohya(state, part, spec.effective_alpha, spec.rank)
-        anchors += _anchor(own, part)
+    for part, p in adapter.parts.items():
+        own = to_kohya(p.state, prefixes[part], p.spec.effective_alpha, p.spec.rank)
+        anchors += _anchor(own, prefixes[part])
         tensors.update(own)
-    metadata = {"ss_network_module": _network_module(adapter.unet_spec.type),
-                "ss_network_dim": str(adapter.unet_spec.rank),
-                "ss_network_alpha": str(adapter.unet_spec.effective_alpha), **adapter.metadata}
+    spec = adapter.denoiser.spec
+    metadata = {"ss_network_module": _network_module(spec.type), "ss_network_dim": str(spec.rank),
+                "ss_network_alpha": str(spec.effective_alpha), **adapter.metadata}
     if anchors:
         metadata[ANCHORS_METADATA] = ",".join(anchors)
     save_file(tensors, str(path), metadata=metadata)

@@ -1,10 +1,11 @@
-"""Bake a PEFT adapter (LoRA, LoHa, LoKr) into the UNet and text encoder weights.
+"""Bake a PEFT adapter (LoRA, LoHa, LoKr) into the UNet and text encoder weights (SD, SDXL).
 
     python -m training.merge MODEL_DIR ADAPTER_DIR OUT_DIR
 
 MODEL_DIR is a diffusers pipeline directory; ADAPTER_DIR is a run's `adapter/` folder (unet/ and
-optionally text_encoder/ in PEFT format). OUT_DIR receives a full diffusers pipeline whose UNet and
-text encoder carry the merged weights; every other component is copied unchanged.
+optionally text_encoder/ and, for SDXL, text_encoder_2/ in PEFT format). OUT_DIR receives a full
+diffusers pipeline whose adapted parts carry the merged weights; every other component is copied
+unchanged.
 
 A user mistake (missing or corrupt model or adapter, an adapter that does not fit the model, a
 non-empty OUT_DIR) is one `error:` line on stderr and exit code 2, as the launcher's own commands do.
@@ -20,9 +21,9 @@ from pathlib import Path
 import torch
 
 from launcher.errors import InputError, UserError
+from training import families
 from training.tools import check_model, fail, load_part, one_line, quiet_libraries, read_adapter_part
 
-PARTS = {"unet": "diffusers:UNet2DConditionModel", "text_encoder": "transformers:CLIPTextModel"}
 ADAPTER_NAME = "default"
 
 
@@ -30,7 +31,7 @@ def adapter_parts(adapter_dir: Path) -> list[str]:
     """The parts the adapter folder holds (unet first); an adapter without a unet/ is not one of ours."""
     if not adapter_dir.is_dir():
         raise InputError(f"adapter {adapter_dir} does not exist or is not a folder")
-    parts = [p for p in PARTS if (adapter_dir / p / "adapter_config.json").exists()]
+    parts = [p for p in families.PARTS if (adapter_dir / p / "adapter_config.json").exists()]
     if "unet" not in parts:
         raise InputError(f"adapter {adapter_dir} holds no PEFT adapter (expected unet/adapter_config.json)")
     return parts

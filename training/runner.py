@@ -108,12 +108,12 @@ class Worker:
         job, c = self.job, self.c
         final = work / "final"
         final.mkdir()
-        meta = export.describe(job.model.source, job.adapter, job.train.resolution, steps, subject.instance_prompt)
-        parts = {part: (adapters.adapter_state_dict(c.part(part)), adapters.peft_config(spec, c.family.targets(part)), spec)
-                 for part, spec in self.specs.items()}
-        trained = export.TrainedAdapter(*parts["unet"], metadata=meta)
-        if "text_encoder" in parts:
-            trained.text_encoder, trained.text_encoder_config, trained.text_encoder_spec = parts["text_encoder"]
+        meta = export.describe(job.model.source, job.adapter, job.train.resolution, steps, subject.instance_prompt,
+                               c.family.name)
+        trained = export.TrainedAdapter(
+            {part: export.Part(adapters.adapter_state_dict(c.part(part)),
+                               adapters.peft_config(spec, c.family.targets(part)), spec)
+             for part, spec in self.specs.items()}, c.family.name, meta)
         export.write_all(trained, final, job.output.formats, subject.id)
         if (work / "metrics.jsonl").exists():
             (final / "metrics.jsonl").write_bytes((work / "metrics.jsonl").read_bytes())

@@ -71,16 +71,27 @@ def read_adapter_part(directory: Path):
     return config, state
 
 
+def model_family(model_dir: Path):
+    """The family (training.families) of a local model folder, from its files."""
+    from training import families
+
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InputError(f"model {model_dir} does not exist or is not a folder")
+    return families.for_model(None, model_dir)
+
+
 def load_part(model_dir: Path, part: str):
-    """The base model's part; a missing or corrupt folder is named in the error."""
+    """The base model's part, as its family names it; a missing or corrupt folder, or a part the
+    family does not have, is named in the error."""
+    from training import families
+
+    family = model_family(model_dir)
+    if part not in family.parts:
+        raise InputError(f"model {model_dir} is a {family.name} model without a {part}; the adapter has one "
+                         "(is it the model the adapter was trained on?)")
     check_model(model_dir, [part])
     try:
-        if part == "unet":
-            from diffusers import UNet2DConditionModel
-
-            return UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
-        from transformers import CLIPTextModel
-
-        return CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+        return families.class_of(family.parts[part]).from_pretrained(model_dir, subfolder=part)
     except (OSError, ValueError) as exc:  # both wrap a corrupt config.json or weights file
         raise InputError(f"model {Path(model_dir) / part} cannot be loaded: {one_line(exc)}") from None

@@ -65,15 +65,19 @@ class Family(Protocol):
     def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype: ...
 
 
+PARTS = ("unet", "text_encoder", "text_encoder_2")  # every family's adaptable parts, in export order
+
+
 def get(name: str) -> Family:
     from training.families import sd, sdxl
 
     return {"sd": sd.FAMILY, "sdxl": sdxl.FAMILY}[name]
 
 
-def for_model(cfg: ModelConfig, path: str | Path) -> Family:
+def for_model(cfg: ModelConfig | None, path: str | Path) -> Family:
     """The family of the model in the local folder `path` (model.family, else its files)."""
     path = Path(path)
+    cfg = cfg or ModelConfig(source=str(path))
     present = {p.name for p in path.iterdir()} if path.is_dir() else set()
     model_index, unet = _json(path / "model_index.json"), _json(path / "unet" / "config.json")
     try:
@@ -83,6 +87,14 @@ def for_model(cfg: ModelConfig, path: str | Path) -> Family:
     if problems := layouts.check(name, present, unet):
         raise InputError(f"model {cfg.source} {problems[0]}")
     return get(name)
+
+
+def of_adapter(parts, metadata: dict[str, str]) -> str:
+    """The family of an adapter read from a file or folder: its header's dreamfleet_family where
+    it has one, else what its parts show (a second text encoder is SDXL's)."""
+    from training.export import FAMILY_METADATA
+
+    return metadata.get(FAMILY_METADATA) or ("sdxl" if "text_encoder_2" in parts else "sd")
 
 
 def _json(path: Path) -> dict | None:
