@@ -75,6 +75,16 @@ def resolve(train: TrainConfig, model: ModelConfig, device: torch.device) -> Pre
     return Precision(device.type, dtype_of(model.dtype, device), dtype_of(train.mixed_precision, device))
 
 
+def refuse_loss_scaling(train: TrainConfig, model: ModelConfig, device: torch.device, what: str) -> None:
+    """For what cannot scale the loss (a pack shares one backward among subjects with their own
+    optimizers): a ConfigError where the run would be fp16, which `auto` is on a GPU without bf16."""
+    if resolve(train, model, device).uses_scaler:
+        from launcher.errors import ConfigError
+
+        raise ConfigError(f"{what} needs bf16 or fp32, but train.mixed_precision {train.mixed_precision} is fp16 on "
+                          f"this {device.type} (no bf16 support): set train.mixed_precision no, or train.pack 1")
+
+
 def inference_autocast(*modules: torch.nn.Module):
     """Autocast for running frozen parts of different dtypes together (a pipeline over an fp32
     UNet and a half-precision VAE and text encoder): every matmul and convolution then takes
