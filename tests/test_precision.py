@@ -211,3 +211,147 @@ def test_pack_auto_reads_free_memory_before_the_base_is_loaded(tiny_model, monke
     # once the base is loaded (allocated), it is not subtracted twice
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: footprint.bytes)
     assert resolve_pack(job, torch.device("cuda", 0)) == min(16, int(pack_memory.HEADROOM * free // per_subject)) > 3
+
+
+# ------------------------------------------------------------------ data-parallel
+
+
+def test_ddp_precision_follows_the_single_process_rule(caplog):
+    from training.dataparallel import _accelerate_precision
+
+    def job(mixed, strategy="ddp"):
+        return job_from_dict(job_dict("m", [ONE], "out", train={"mixed_precision": mixed},
+                                      distributed={"strategy": strategy, "nproc_per_node": 2}))
+
+    assert _accelerate_precision(job("auto"), CPU) == "no"  # auto: fp32 on a CPU
+    assert _accelerate_precision(job("no"), CPU) == "no"
+    assert _accelerate_precision(job("bf16"), CPU) == "bf16"  # was "no": every CPU run was fp32
+    with caplog.at_level(logging.WARNING, logger="training.dataparallel"):
+        assert _accelerate_precision(job("fp16"), CPU) == "no"  # accelerate scales fp16 on GPUs only
+    assert "accelerate runs fp16 on a GPU only; this CPU run is fp32" in caplog.text
+    assert _accelerate_precision(job("bf16", "deepspeed"), CPU) == "no"  # as launcher.deepspeed's config says
+
+
+def _metrics(out, name):
+    path = out / name / "subjects" / "s0" / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_ddp_bf16_on_cpu_autocasts_like_one_process(tiny_model, subjects_root, tmp_path):
+    """Two gloo processes of batch 1 under bf16 compute the same first-step loss as one process
+    of batch 2 under bf16 (the same global batch, the same bf16 forward), which differs from the
+    fp32 loss by far more than rounding; the adapter stays fp32 in the exported files."""
+    out = tmp_path / "out"
+    train = {"steps": 2, "eps": 1.0, "learning_rate": 0.5}
+    runs = (("one", "bf16", 1), ("one32", "no", 1), ("ddp", "bf16", 2))
+    for name, mixed, nproc in runs:
+        d = job_dict(tiny_model, [subject_entry(subjects_root, 0)], out, name=name,
+                     train={**train, "mixed_precision": mixed, "batch_size": 2 // nproc},
+                     distributed={"strategy": "ddp" if nproc == 2 else "subject", "nproc_per_node": nproc})
+        d["model"]["dtype"] = "bf16"
+        proc = run_worker(write_job(tmp_path / f"{name}.yaml", d), nproc=nproc)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    first = {name: _metrics(out, name)[0]["loss"] for name, _, _ in runs}
+    assert abs(first["ddp"] - first["one"]) < 2e-5, first
+    assert abs(first["one32"] - first["one"]) > 5e-5, first  # so the comparison tells bf16 from fp32
+    assert all(math.isfinite(line["loss"]) for line in _metrics(out, "ddp"))
+    subject = out / "ddp" / "subjects" / "s0"
+    for f in (subject / "adapter" / "unet" / "adapter_model.safetensors", subject / "pytorch_lora_weights.safetensors",
+              subject / "s0.safetensors"):
+        assert _file_dtypes(f) == {"F32"}, f
+
+
+# ------------------------------------------------------------------ fp16 and its GradScaler
+
+
+def test_single_subject_fp16_on_cpu_trains_through_a_grad_scaler(tiny_model, subjects_root, tmp_path):
+    """fp16 autocast runs on a CPU (torch's CPU autocast and GradScaler support it), so the
+    single-subject loop scales the loss there as on a GPU: the checkpoint carries the scaler."""
+    job = _job(tiny_model, [subject_entry(subjects_root, 0)], tmp_path / "out", dtype="fp16", name="h",
+               train={"mixed_precision": "fp16", "steps": 3, "checkpoint_every": 2})
+    worker = Worker(job, WorkerEnv(), Preemption(), CPU, "me")
+    outcomes = worker.run(resolve_subjects(job))
+    assert [o.state for o in outcomes] == ["done"], outcomes
+    assert worker.c.vae.dtype == torch.float16
+    assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(worker.c.unet))
+    subject = tmp_path / "out" / "h" / "subjects" / "s0"
+    lines = [json.loads(x) for x in (subject / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 3 and all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in lines)
+    state = torch.load(subject / "checkpoints" / "step-00000002" / "trainer_state.pt", weights_only=False)
+    assert state["stepper"]["scaler"]["scale"] == 2.0**16  # two finite steps: the initial scale
+    assert _file_dtypes(subject / "adapter" / "unet" / "adapter_model.safetensors") == {"F32"}
+
+
+def test_fp16_step_with_inf_gradients_is_skipped_and_the_scale_backs_off():
+    from training.loop import Stepper
+
+    job = job_from_dict(job_dict("m", [ONE], "out", train={"mixed_precision": "fp16", "max_grad_norm": 1.0}))
+    weight = torch.nn.Parameter(torch.ones(8, 8))
+    stepper = Stepper([{"params": [weight], "lr": 0.1}], job, CPU, total_steps=10)
+    assert isinstance(stepper.scaler, torch.amp.GradScaler) and stepper.scaler.is_enabled()
+    with stepper.autocast():
+        loss = (weight @ torch.ones(8, 8)).float().mean() * float("inf")
+    stepper.backward(loss)
+    stepper.step()
+    assert torch.equal(weight.detach(), torch.ones(8, 8))  # skipped: the weights did not move
+    assert stepper.scaler.get_scale() == 2.0**15
+    state = stepper.optimizer.state[weight]  # fused AdamW sets its state up, then skips on found_inf
+    assert float(state.get("step", 0)) == 0 and not state.get("exp_avg", torch.zeros(1)).any()
+    with stepper.autocast():
+        loss = (weight @ torch.ones(8, 8)).float().mean()
+    stepper.backward(loss)
+    stepper.step()
+    assert not torch.equal(weight.detach(), torch.ones(8, 8))  # a finite step goes through
+    assert float(stepper.optimizer.state[weight]["step"]) == 1
+    assert stepper.scaler.get_scale() == 2.0**15
+
+
+# ------------------------------------------------------------------ GPU only
+
+
+# the `gpu` marker keeps these a skip under CI=true (tests/conftest.py), where no GPU exists
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_paged_adamw8bit_on_cuda_keeps_8bit_paged_state_and_fp32_params():
+    """bitsandbytes pages the 8-bit state of tensors of 100,000 elements or more into unified
+    memory; smaller ones of 4,096 or more are 8-bit on the device, and below that fp32."""
+    from training.optim import build_optimizer
+
+    job = job_from_dict(job_dict("m", [ONE], "out", train={"optimizer": "paged_adamw8bit"}))
+    gpu = torch.device("cuda")
+    big, mid, small = (torch.nn.Parameter(torch.randn(*shape, device=gpu)) for shape in ((512, 256), (64, 64), (16, 16)))
+    optimizer = build_optimizer([{"params": [big, mid, small], "lr": 1e-3}], job.train, gpu)
+    assert type(optimizer).__name__ == "PagedAdamW8bit"
+    before = big.detach().clone()
+    for _ in range(3):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = sum((p @ p.T).float().square().mean() for p in (big, mid, small))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    assert math.isfinite(loss.item()) and not torch.equal(before, big.detach())
+    assert all(p.dtype == torch.float32 for p in (big, mid, small))
+    s_big, s_mid, s_small = (optimizer.state[p] for p in (big, mid, small))
+    assert s_big["state1"].dtype == s_big["state2"].dtype == torch.uint8 and getattr(s_big["state1"], "is_paged", False)
+    assert s_mid["state1"].dtype == torch.uint8 and not getattr(s_mid["state1"], "is_paged", False)
+    assert s_small["state1"].dtype == torch.float32
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_auto_precision_worker_run_with_paged_adamw8bit(tiny_model, subjects_root, tmp_path):
+    """On a GPU, `auto` is half precision for the frozen parts and the forward; adapters stay fp32."""
+    job = _job(tiny_model, [subject_entry(subjects_root, 0)], tmp_path / "out", dtype="auto", name="g",
+               train={"optimizer": "paged_adamw8bit", "steps": 2})
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    worker = Worker(job, WorkerEnv(), Preemption(), gpu, "me")
+    outcomes = worker.run(resolve_subjects(job))
+    assert [o.state for o in outcomes] == ["done"] and math.isfinite(outcomes[0].final_loss), outcomes
+    assert worker.c.vae.dtype in (torch.bfloat16, torch.float16)
+    assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(worker.c.unet))
+    assert _file_dtypes(tmp_path / "out" / "g" / "subjects" / "s0" / "s0.safetensors") == {"F32"}

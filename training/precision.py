@@ -1,7 +1,9 @@
 """The one place that decides a run's precision on its device: the dtype of the frozen VAE and
 text encoder (`model.dtype`), the autocast dtype of the forward (`train.mixed_precision`), and
 whether fp16 gradients go through a GradScaler. Every loop, the priors, the samples and the
-data-parallel engine ask `resolve`; nothing else looks at the device to choose a dtype.
+DDP engine ask `resolve`; nothing else looks at the device to choose a dtype. (DeepSpeed follows
+launcher.deepspeed's config, fp32 on a CPU; accelerate runs fp16 on GPUs only, so a DDP run
+with fp16 on a CPU is fp32 and says so; a pack cannot scale its loss and refuses fp16.)
 
 The rule, the same for both settings:
 
