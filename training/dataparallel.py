@@ -118,12 +118,29 @@ def _parts(job: JobConfig, module: Denoiser) -> dict[str, torch.nn.Module]:
     return {name: inside[name] for name in adapters.specs(job.adapter, module.family)}
 
 
+def _accelerate_precision(job: JobConfig, device: torch.device) -> str:
+    """accelerate's `mixed_precision` for this run. DDP follows training.precision (an explicit
+    bf16 runs CPU autocast, as a single process does; `auto` is fp32 on a CPU); DeepSpeed follows
+    launcher.deepspeed's config (`auto` is bf16 on a GPU, a CPU run fp32)."""
+    on_gpu = device.type == "cuda"
+    if job.distributed.strategy == "deepspeed":
+        mixed = job.train.mixed_precision if on_gpu else "no"
+        return "bf16" if mixed == "auto" else mixed
+    from training.precision import resolve
+
+    mixed = resolve(job.train, job.model, device).accelerate
+    if mixed == "fp16" and not on_gpu:  # accelerate would run fp32 without a word: it scales fp16 on GPUs only
+        log.warning("train.mixed_precision fp16: accelerate runs fp16 on a GPU only; this CPU run is fp32")
+        return "no"
+    return mixed
+
+
 def _accelerator(job: JobConfig, device: torch.device):
     from accelerate import Accelerator, DeepSpeedPlugin
 
     on_gpu = device.type == "cuda"
-    mixed = job.train.mixed_precision if on_gpu else "no"
-    mixed = "bf16" if mixed == "auto" else mixed
+    mixed = _accelerate_precision(job, device)
+    log.info("accelerate mixed precision: %s", mixed)
     # step_scheduler_with_optimizer=False: accelerate would otherwise step the LR schedule once per
     # process at every step (it assumes a per-process data loader); here a step is one step of
     # the global batch, and the schedule must run as in a single-process run

@@ -136,12 +136,13 @@ def load_slot(packed: dict[str, PackedLora], slot: int, state: dict[str, torch.T
         layer.lora_B[slot].copy_(state[f"{path}.lora_B.weight"])
 
 
-def auto_pack(device: torch.device, resolution: int, batch_rows: int, cpu_default: int = 4, max_pack: int = 16) -> int:
-    """`train.pack: auto`. On GPU: free memory over a per-sample estimate (about 2.5 GiB of
-    activations per 512 px sample for an SD 1.5 UNet, scaled by area), capped at `max_pack`.
-    On CPU: `cpu_default` (4), where packing pays mostly by amortizing per-op overhead."""
+def auto_pack(device: torch.device, resolution: int, batch_rows: int, model=None, cpu_default: int = 4,
+              max_pack: int = 16) -> int:
+    """`train.pack: auto`. On GPU: sized from the free memory and the footprint of the base
+    (`model`, its ModelConfig) by training.pack_memory. On CPU: `cpu_default` (4), where packing
+    pays mostly by amortizing per-op overhead."""
     if device.type != "cuda":
         return cpu_default
-    free, _ = torch.cuda.mem_get_info(device)
-    per_subject = 2.5 * 2**30 * (resolution / 512) ** 2 * batch_rows
-    return max(1, min(max_pack, int(0.8 * free // per_subject)))
+    from training.pack_memory import auto_pack_cuda
+
+    return auto_pack_cuda(device, resolution, batch_rows, model, max_pack)

@@ -32,6 +32,7 @@ from training import adapters, checkpoint, lease, packed
 from training.loop import Stepper, SubjectData, draw_batch, dreambooth_loss, prepare_subject, subject_seed
 from training.failures import is_fatal, log_failure
 from training.lease import Outcome, StatusKeeper
+from training.precision import refuse_loss_scaling
 from training.runner import Worker
 
 log = logging.getLogger(__name__)
@@ -135,9 +136,10 @@ class PackedTrainer:
 
 
 def resolve_pack(job: JobConfig, device: torch.device) -> int:
+    refuse_loss_scaling(job.train, job.model, device, f"train.pack={job.train.pack}")  # the backward is unscaled
     if job.train.pack == "auto":
         rows = job.train.batch_size * (2 if job.prior.enabled else 1)
-        return packed.auto_pack(device, job.train.resolution, rows)
+        return packed.auto_pack(device, job.train.resolution, rows, job.model)
     return int(job.train.pack)
 
 

@@ -1,7 +1,9 @@
 """The one place that decides a run's precision on its device: the dtype of the frozen VAE and
 text encoder (`model.dtype`), the autocast dtype of the forward (`train.mixed_precision`), and
 whether fp16 gradients go through a GradScaler. Every loop, the priors, the samples and the
-data-parallel engine ask `resolve`; nothing else looks at the device to choose a dtype.
+DDP engine ask `resolve`; nothing else looks at the device to choose a dtype. (DeepSpeed follows
+launcher.deepspeed's config, fp32 on a CPU; accelerate runs fp16 on GPUs only, so a DDP run
+with fp16 on a CPU is fp32 and says so; a pack cannot scale its loss and refuses fp16.)
 
 The rule, the same for both settings:
 
@@ -73,6 +75,16 @@ class Precision:
 
 def resolve(train: TrainConfig, model: ModelConfig, device: torch.device) -> Precision:
     return Precision(device.type, dtype_of(model.dtype, device), dtype_of(train.mixed_precision, device))
+
+
+def refuse_loss_scaling(train: TrainConfig, model: ModelConfig, device: torch.device, what: str) -> None:
+    """For what cannot scale the loss (a pack shares one backward among subjects with their own
+    optimizers): a ConfigError where the run would be fp16, which `auto` is on a GPU without bf16."""
+    if resolve(train, model, device).uses_scaler:
+        from launcher.errors import ConfigError
+
+        raise ConfigError(f"{what} needs bf16 or fp32, but train.mixed_precision {train.mixed_precision} is fp16 on "
+                          f"this {device.type} (no bf16 support): set train.mixed_precision no, or train.pack 1")
 
 
 def inference_autocast(*modules: torch.nn.Module):
