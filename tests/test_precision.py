@@ -63,8 +63,8 @@ def test_bf16_worker_run_with_priors_samples_and_a_text_encoder_exports_fp32(tin
     outcomes = worker.run(resolve_subjects(job))
     assert [o.state for o in outcomes] == ["done"], outcomes
     assert math.isfinite(outcomes[0].final_loss)
-    assert worker.c.vae.dtype == torch.bfloat16 and worker.c.text_encoder.dtype == torch.bfloat16
-    for model in (worker.c.unet, worker.c.text_encoder):
+    assert worker.c.vae.dtype == torch.bfloat16 and worker.c.text_encoders["text_encoder"].dtype == torch.bfloat16
+    for model in (worker.c.denoiser, worker.c.text_encoders["text_encoder"]):
         assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(model))
     subject = tmp_path / "out" / "p" / "subjects" / "s0"
     assert sorted(p.name for p in (subject / "samples").glob("*.png"))
@@ -107,16 +107,16 @@ def test_packed_bf16_on_cpu_trains_with_fp32_adapters_and_documented_optimizer_s
     c = worker.c
     trainer = PackedTrainer(c, job, 2, worker.init_state["unet"])
     seen: set[torch.dtype] = set()
-    layer = next(m for m in c.unet.modules() if isinstance(m, PackedLora))
+    layer = next(m for m in c.denoiser.modules() if isinstance(m, PackedLora))
     layer.register_forward_hook(lambda m, args, out: seen.add(out.dtype))
-    c.unet.train()
+    c.denoiser.train()
     for i, s in enumerate(subjects):
         trainer.open(i, s, prepare_subject(c, job, s, image_uris(s), None, False))
     before = [p.detach().clone() for p in trainer.params]
     trainer.step()
     trainer.step()
     assert seen == {torch.bfloat16}  # the forward ran under bf16 autocast
-    assert c.vae.dtype == torch.bfloat16 and c.text_encoder.dtype == torch.bfloat16
+    assert c.vae.dtype == torch.bfloat16 and c.text_encoders["text_encoder"].dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert any(not torch.equal(a, p) for a, p in zip(before, trainer.params))  # it trained
     for s in trainer.slots:
@@ -183,9 +183,9 @@ def test_model_footprint_is_what_the_loaded_base_takes(tiny_model):
 
     job = _job(tiny_model, [ONE], "out")
     c = load_components(job.model, CPU)
-    loaded = sum(p.numel() * p.element_size() for m in (c.unet, c.vae, c.text_encoder) for p in m.parameters())
+    loaded = sum(p.numel() * p.element_size() for m in (c.denoiser, c.vae, c.text_encoders["text_encoder"]) for p in m.parameters())
     found = pack_memory.model_footprint(tiny_model, torch.bfloat16)
-    assert found.unet_params == sum(p.numel() for p in c.unet.parameters())
+    assert found.unet_params == sum(p.numel() for p in c.denoiser.parameters())
     assert found.bytes == loaded
     assert pack_memory.model_footprint(tiny_model, torch.bfloat16, variant="fp16") is None  # no such files
     assert pack_memory.footprint_of(job.model.model_copy(update={"source": "s3://b/m"}), CPU) == pack_memory.SD15
@@ -274,7 +274,7 @@ def test_single_subject_fp16_on_cpu_trains_through_a_grad_scaler(tiny_model, sub
     outcomes = worker.run(resolve_subjects(job))
     assert [o.state for o in outcomes] == ["done"], outcomes
     assert worker.c.vae.dtype == torch.float16
-    assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(worker.c.unet))
+    assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(worker.c.denoiser))
     subject = tmp_path / "out" / "h" / "subjects" / "s0"
     lines = [json.loads(x) for x in (subject / "metrics.jsonl").read_text().splitlines()]
     assert len(lines) == 3 and all(math.isfinite(x["loss"]) and math.isfinite(x["grad_norm"]) for x in lines)
@@ -353,5 +353,5 @@ def test_gpu_auto_precision_worker_run_with_paged_adamw8bit(tiny_model, subjects
     outcomes = worker.run(resolve_subjects(job))
     assert [o.state for o in outcomes] == ["done"] and math.isfinite(outcomes[0].final_loss), outcomes
     assert worker.c.vae.dtype in (torch.bfloat16, torch.float16)
-    assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(worker.c.unet))
+    assert all(p.dtype == torch.float32 for p in adapters.adapter_parameters(worker.c.denoiser))
     assert _file_dtypes(tmp_path / "out" / "g" / "subjects" / "s0" / "s0.safetensors") == {"F32"}

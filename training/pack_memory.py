@@ -93,14 +93,15 @@ def _param_count(folder: Path, variant: str | None) -> int | None:
 
 
 def model_footprint(model_dir: Path, frozen: torch.dtype, variant: str | None = None) -> Footprint | None:
-    """The loaded base's device bytes (UNet fp32, VAE and text encoder in `frozen`, as
+    """The loaded base's device bytes (UNet fp32, VAE and text encoders in `frozen`, as
     training.components loads them), from the parameter counts in the safetensors headers.
     None where a component has no safetensors file (then the caller assumes SD 1.5)."""
-    counts = {name: _param_count(Path(model_dir) / name, variant) for name in ("unet", "vae", "text_encoder")}
+    frozen_parts = ["vae", "text_encoder"] + (["text_encoder_2"] if (Path(model_dir) / "text_encoder_2").is_dir() else [])
+    counts = {name: _param_count(Path(model_dir) / name, variant) for name in ["unet", *frozen_parts]}
     if any(n is None for n in counts.values()):
         return None
     frozen_size = torch.empty((), dtype=frozen).element_size()
-    return Footprint(counts["unet"] * 4 + (counts["vae"] + counts["text_encoder"]) * frozen_size, counts["unet"])
+    return Footprint(counts["unet"] * 4 + sum(counts[n] for n in frozen_parts) * frozen_size, counts["unet"])
 
 
 def footprint_of(model, device: torch.device) -> Footprint:
