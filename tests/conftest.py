@@ -161,3 +161,11 @@ def make_job(tmp_path, tiny_model, subjects_root):
         return write_job(tmp_path / f"{name}.yaml", job_dict(tiny_model, subs, tmp_path / "out", name=name, **sections))
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """A tiny random-weight SDXL model (two text encoders, text_time UNet), built once per session."""
+    from training.tiny import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
