@@ -26,6 +26,7 @@ rank fetches the adapter files, rank 0's engine part and its own. Nodes need not
 from __future__ import annotations
 
 import copy
+from functools import partial
 import json
 import logging
 import os
@@ -112,10 +113,11 @@ def _return_models(worker: Worker) -> None:
         worker.c.part(name).to(worker.c.device)
 
 
-def _parts(job: JobConfig, module: Denoiser) -> dict[str, torch.nn.Module]:
-    """The adapted models inside what accelerate prepared, by checkpoint name."""
-    inside = module.parts()
-    return {name: inside[name] for name in adapters.specs(job.adapter, module.family)}
+def _parts(job: JobConfig, family, module: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The adapted models inside what accelerate prepared (a Denoiser, or the bare denoiser), by
+    checkpoint name."""
+    inside = module.parts() if isinstance(module, Denoiser) else {family.denoiser: module}
+    return {name: inside[name] for name in adapters.specs(job.adapter, family)}
 
 
 def _accelerate_precision(job: JobConfig, device: torch.device) -> str:
@@ -155,9 +157,9 @@ def _zero3(job: JobConfig) -> bool:
     return job.distributed.strategy == "deepspeed" and job.distributed.zero_stage == 3
 
 
-def _gathered_adapters(job: JobConfig, module: Denoiser) -> dict[str, dict[str, torch.Tensor]]:
+def _gathered_adapters(job: JobConfig, family, module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     """The full adapter weights of every adapted model on every rank (a collective under ZeRO-3)."""
-    parts = _parts(job, module)
+    parts = _parts(job, family, module)
     if _zero3(job):
         import deepspeed
 
@@ -270,8 +272,8 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
         family = c.family
         groups = trainable_groups(c, job, lr, {part: models[part] for part in worker.specs})
         params = [p for g in groups for p in g["params"]]
-        module = Denoiser(family, models[family.denoiser],
-                          {te: models[te] for te in family.tokenizers} if worker.train_te else None)
+        # the bare denoiser when no text encoder trains: engine checkpoints keep its parameter names
+        module = Denoiser(family, models) if worker.train_te else models[family.denoiser]
         client = _client_optimizer(job, groups, c.device)
         scheduler = build_lr_scheduler(client, t, steps)
         model, optimizer, scheduler = accelerator.prepare(module, client, scheduler)
@@ -298,6 +300,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
             step = trainer_state["step"]
             log.info("subject %s: resuming from %s at step %d/%d", subject.id, latest.rsplit("/", 1)[-1], step, steps)
     data = prepare_subject(c, job, subject, image_uris(subject), class_images, worker.train_te)
+    forward = model if worker.train_te else partial(c.family.predict, model)  # (noisy, timesteps, conditioning)
     shard = (env.rank, env.world_size)
     worker.progress.start_subject(subject.id, steps, step)
     # each rank stages its engine files on its own disk; the node's local rank 0 publishes them
@@ -306,7 +309,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
     node_staging = _node_staging(env, staging)
 
     def save_checkpoint() -> None:
-        _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step, node_staging, subject_uri,
+        _save_checkpoint(job, c.family, env, accelerator, model, optimizer, scheduler, gen, step, node_staging, subject_uri,
                          metrics)
 
     model.train()
@@ -322,7 +325,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
                 if keeper:
                     keeper.update(state="pending", step=step, error="preempted; resumes from its checkpoint")
                 return Outcome(subject.id, "preempted", f"checkpointed at step {step}")
-            loss = diffusion_loss(c, job, data, gen, model, accelerator.autocast, shard=shard)
+            loss = diffusion_loss(c, job, data, gen, forward, accelerator.autocast, shard=shard)
             lr_now = scheduler.get_last_lr()[0]
             accelerator.backward(loss)
             if t.max_grad_norm > 0 and job.distributed.strategy != "deepspeed":
@@ -351,7 +354,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
         dist.barrier()
         shutil.rmtree(staging, ignore_errors=True)
     worker.progress.end_subject()
-    states = _gathered_adapters(job, accelerator.unwrap_model(model))
+    states = _gathered_adapters(job, family, accelerator.unwrap_model(model))
     model = optimizer = scheduler = None  # dropped (the checkpoint closure too) before the models return
     accelerator.free_memory()  # the engine's memory, before the worker's own models come back for publishing
     _return_models(worker)
@@ -364,7 +367,7 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
     return Outcome(subject.id, "done", f"{steps} steps", final_loss)
 
 
-def _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, step: int, staging: dict[int, Path],
+def _save_checkpoint(job, family, env, accelerator, model, optimizer, scheduler, gen, step: int, staging: dict[int, Path],
                      subject_uri: str, metrics: list[str]) -> None:
     """A collective. Every rank writes its engine files (DeepSpeed: its optimizer shard) into its
     own staging folder; each node's local rank 0 publishes the parts of its node's ranks; then
@@ -372,7 +375,7 @@ def _save_checkpoint(job, env, accelerator, model, optimizer, scheduler, gen, st
     name = checkpoint.step_name(step)
     target = checkpoint.step_uri(subject_uri, step)
     _save_engine(job, env, model, optimizer, staging[env.rank] / name)
-    states = _gathered_adapters(job, accelerator.unwrap_model(model))
+    states = _gathered_adapters(job, family, accelerator.unwrap_model(model))
     if env.is_main:
         checkpoint.unpublish(target)  # the same step written again: no manifest may vouch for old parts
     dist.barrier()  # every rank's engine files are written

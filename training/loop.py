@@ -74,26 +74,29 @@ def prepare_subject(c: Components, job: JobConfig, subject: Subject, image_uris:
 
 
 class Denoiser(torch.nn.Module):
-    """The denoiser, with the text encoders when any of them trains: what one training forward
+    """The denoiser with the text encoders, when any of them trains: what one training forward
     runs, and what one DDP wrapper or DeepSpeed engine holds (accelerate prepares one model per
-    engine). With text encoders it takes the prompts' token ids ("ids:<part>" entries of the
-    conditioning) and encodes them inside the forward, where DDP and ZeRO-3 hook in."""
+    engine). It takes the prompts' token ids ("ids:<part>" entries of the conditioning) and
+    encodes them inside the forward, where DDP and ZeRO-3 hook in. The parts are its children
+    under their part names, so engine checkpoints name parameters `unet.*`, `text_encoder.*`."""
 
-    def __init__(self, family, denoiser: torch.nn.Module, text_encoders: dict[str, torch.nn.Module] | None = None):
+    def __init__(self, family, models: dict[str, torch.nn.Module]):
         super().__init__()
         self.family = family
-        self.denoiser = denoiser
-        self.text_encoders = torch.nn.ModuleDict(text_encoders or {})
+        for part, model in models.items():
+            self.add_module(part, model)
 
     def parts(self) -> dict[str, torch.nn.Module]:
-        return {self.family.denoiser: self.denoiser, **self.text_encoders}
+        return dict(self.named_children())
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]):
-        if len(self.text_encoders):
+        parts = self.parts()
+        denoiser = parts.pop(self.family.denoiser)
+        if parts:
             ids = {k[len(IDS):]: v for k, v in conditioning.items() if k.startswith(IDS)}
             conditioning = {k: v for k, v in conditioning.items() if not k.startswith(IDS)}
-            conditioning.update(self.family.encode(dict(self.text_encoders), ids))
-        return self.family.predict(self.denoiser, noisy, timesteps, conditioning)
+            conditioning.update(self.family.encode(parts, ids))
+        return self.family.predict(denoiser, noisy, timesteps, conditioning)
 
 
 IDS = "ids:"
@@ -164,7 +167,8 @@ def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, has_prior: bool, p
 
 def diffusion_loss(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator, model: torch.nn.Module,
                    autocast, shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """One micro-batch through `model` (a Denoiser, or what DDP/DeepSpeed made of one): the DreamBooth loss."""
+    """One micro-batch through `model` (a Denoiser, what DDP/DeepSpeed made of one, or any callable
+    taking noisy latents, timesteps and conditioning): the DreamBooth loss."""
     batch = draw_batch(c, job, data, gen, shard)
     noisy, target = c.family.noisy_and_target(c.noise_scheduler, batch.latents, batch.noise, batch.timesteps)
     with autocast():
@@ -260,7 +264,7 @@ def adapter_states(c: Components, job: JobConfig) -> dict[str, dict[str, torch.T
 def training_model(c: Components, job: JobConfig) -> Denoiser:
     """The Denoiser over the loaded models: with every text encoder when any of them trains."""
     train_te = len(adapters.specs(job.adapter, c.family)) > 1
-    return Denoiser(c.family, c.denoiser, c.text_encoders if train_te else None)
+    return Denoiser(c.family, c.models() if train_te else {c.family.denoiser: c.denoiser})
 
 
 def _save_checkpoint(c, job, stepper, gen, step, work: Path, subject_uri: str, metrics: Path,
