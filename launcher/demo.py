@@ -3,6 +3,7 @@
 Builds a tiny random-weight Stable Diffusion model and a few synthetic subjects under
 `.dreamfleet/demo/` when they are missing (in a child process: the launcher imports no torch),
 then trains `examples/quickstart.yaml` with the local backend and prints where the adapters are.
+`launcher demo model.family=sdxl` does the same on a tiny SDXL model (job `quickstart-sdxl`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import typer
 
 DEMO_DIR = Path(".dreamfleet/demo")
 MODEL_DIR = DEMO_DIR / "tiny-sd"
+SDXL_DIR = DEMO_DIR / "tiny-sdxl"
 SUBJECTS_DIR = DEMO_DIR / "subjects"
 NUM_SUBJECTS = 3
 
@@ -26,10 +28,11 @@ def default_job() -> Path:
     return beside_package if beside_package.exists() else Path("examples/quickstart.yaml")
 
 
-def ensure_assets() -> None:
-    if not (MODEL_DIR / "model_index.json").exists():
-        typer.echo(f"building a tiny random-weight model in {MODEL_DIR} (no download)")
-        _tiny("model", str(MODEL_DIR))
+def ensure_assets(family: str = "sd") -> None:
+    model = SDXL_DIR if family == "sdxl" else MODEL_DIR
+    if not (model / "model_index.json").exists():
+        typer.echo(f"building a tiny random-weight {family} model in {model} (no download)")
+        _tiny("model", str(model), "--family", family)
     if not all((SUBJECTS_DIR / f"subject-{i}").is_dir() for i in range(NUM_SUBJECTS)):
         typer.echo(f"writing {NUM_SUBJECTS} synthetic subjects in {SUBJECTS_DIR}")
         _tiny("subjects", str(SUBJECTS_DIR), "--count", str(NUM_SUBJECTS), "--images", "4")
@@ -46,7 +49,11 @@ def run_demo(job_file: Path | None, overrides: list[str]) -> int:
     from launcher.config import load_job
     from launcher.subjects import resolve_subjects
 
-    ensure_assets()
+    family = "sdxl" if "model.family=sdxl" in overrides else "sd"
+    ensure_assets(family)
+    if family == "sdxl" and job_file is None:
+        # the quickstart on the tiny SDXL model, as its own job (a changed model is a new job)
+        overrides = [f"model.source={SDXL_DIR}", "name=quickstart-sdxl", *overrides]
     job_file = job_file or default_job()
     job = load_job(job_file, overrides)
     subjects = resolve_subjects(job)

@@ -62,8 +62,14 @@ def digest(values: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
+# settings added after fingerprints were first recorded, with the value every earlier run had: a
+# record without them was trained so, and must not read as changed
+ADDED = {"model.family": "auto", "model.vae": None, "adapter.text_encoder_2": None}
+
+
 def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     missing = object()
+    before = {**{k: v for k, v in ADDED.items() if k in now}, **before}
     keys = sorted(set(before) | set(now))
     return [f"{k}: {json.dumps(before.get(k))} -> {json.dumps(now.get(k))}" for k in keys
             if before.get(k, missing) != now.get(k, missing)]

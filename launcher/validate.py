@@ -117,8 +117,9 @@ def _unpackable(job: JobConfig) -> list[str]:
         problems.append(f"train.pack={pack} trains LoRA only, got adapter.type {a.type} (train it with train.pack 1)")
     elif a.dropout or a.bias != "none":
         problems.append(f"train.pack={pack} needs adapter.dropout 0 and adapter.bias none, got {a.dropout} and {a.bias}")
-    if a.text_encoder is not None:
-        problems.append(f"train.pack={pack} trains the UNet only: drop adapter.text_encoder or use train.pack 1")
+    if a.text_encoder is not None or a.text_encoder_2 is not None:
+        problems.append(f"train.pack={pack} trains the UNet only: drop adapter.text_encoder and adapter.text_encoder_2, "
+                        "or use train.pack 1")
     if job.train.mixed_precision == "fp16":
         problems.append(f"train.pack={pack} needs bf16 or fp32 (train.mixed_precision), not fp16 (its loss scaling "
                         "would be shared by every subject in the pack)")

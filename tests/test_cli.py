@@ -118,7 +118,20 @@ def test_demo_builds_its_assets_and_trains(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to train: all 3 subject(s) are settled" in again.stdout and "red-ball" in again.stdout
-    assert "loaded unet" not in again.stderr
+    assert "loaded a sd model" not in again.stderr
+
+
+@pytest.mark.slow
+def test_demo_trains_the_tiny_sdxl_model_on_request(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", "demo", "model.family=sdxl", "train.steps=2",
+                           "prior.enabled=false", "train.samples.enabled=false"],
+                          cwd=tmp_path, env=worker_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (tmp_path / ".dreamfleet" / "demo" / "tiny-sdxl" / "text_encoder_2").is_dir()
+    root = tmp_path / "outputs" / "quickstart-sdxl" / "subjects"
+    for sid in ("red-ball", "green-box", "blue-ball"):
+        assert json.loads((root / sid / "status.json").read_text())["state"] == "done"
+        assert (root / sid / "pytorch_lora_weights.safetensors").exists()
 
 
 def test_relative_paths_get_a_note_where_workers_run_in_containers(make_job, tmp_path):

@@ -42,3 +42,14 @@ def test_changed_settings_on_resubmit_are_refused_or_started_over(make_job, tmp_
     (archived,) = (out / "superseded").iterdir()
     assert (archived / "job.yaml").read_text() == job_yaml
     assert "rank: 8" in (out / "job.yaml").read_text()
+
+
+def test_a_record_from_before_a_setting_existed_is_not_a_change():
+    """model.family, model.vae and adapter.text_encoder_2 came with the family layer: a fingerprint
+    recorded before them was trained with their defaults, and a non-default value is a change."""
+    from launcher import fingerprint
+
+    now = {"model.source": "/m", "model.family": "auto", "model.vae": None, "adapter.text_encoder_2": None}
+    old = {"model.source": "/m"}
+    assert fingerprint.differences(old, now) == []
+    assert fingerprint.differences(old, {**now, "model.vae": "/vae"}) == ['model.vae: null -> "/vae"']

@@ -136,6 +136,7 @@ def test_packed_layer_matches_peft_per_sample(tiny_model):
     ({"adapter": {"type": "loha", "rank": 4}}, "trains LoRA only, got adapter.type loha"),
     ({"adapter": {"type": "lora", "rank": 4, "dropout": 0.1}}, "needs adapter.dropout 0 and adapter.bias none"),
     ({"adapter": {"type": "lora", "rank": 4, "text_encoder": {"rank": 2}}}, "trains the UNet only"),
+    ({"adapter": {"type": "lora", "rank": 4, "text_encoder_2": {"rank": 2}}}, "drop adapter.text_encoder and adapter.text_encoder_2"),
     ({"train": {"pack": 2, "mixed_precision": "fp16"}}, "needs bf16 or fp32"),
     ({"distributed": {"strategy": "ddp", "nproc_per_node": 2}}, "needs distributed.strategy subject"),
 ])

@@ -251,3 +251,41 @@ def test_sdxl_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_sdxl, 
     for part in ("unet", *TE_PARTS):
         a, b = _adapter(tmp_path / "out", "straight", part=part), _adapter(tmp_path / "out", "resumed", part=part)
         assert _max_diff(a, b) < 1e-5, part
+
+
+@pytest.mark.parametrize("kind", ["lora", "loha"])
+def test_convert_reads_the_sdxl_kohya_file_back_to_our_peft_adapter(runs, tiny_sdxl, tiny_model, tmp_path, kind):
+    from training.convert import convert, read
+
+    folder, _ = runs[f"{kind}-te"]
+    back = read(convert(folder / "s0.safetensors", tmp_path / "peft", "peft", tiny_sdxl))
+    ours = read(folder / "adapter")
+    assert back.family == ours.family == "sdxl" and list(back.parts) == ["unet", *TE_PARTS]
+    for part in ours.parts:
+        # the kohya reader targets exact module paths; the weights are the same
+        assert back.parts[part].state.keys() == ours.parts[part].state.keys(), part
+        for key, value in ours.parts[part].state.items():
+            torch.testing.assert_close(back.parts[part].state[key], value, atol=1e-6, rtol=1e-5)
+    # SD's model cannot take an SDXL file: the message says what does not fit
+    from launcher.errors import InputError
+
+    with pytest.raises(InputError, match=r"parts a sd model lacks \(lora_te1_\*, lora_te2_\*\)"):
+        read(folder / "s0.safetensors", tiny_model)
+
+
+@torch.no_grad()
+def test_merge_bakes_all_three_sdxl_parts(runs, tiny_sdxl, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from training.merge import merge
+
+    folder, _ = runs["lora-te"]
+    assert merge(tiny_sdxl, folder / "adapter", tmp_path / "merged") == ["unet", *TE_PARTS]
+    merged = {"unet": UNet2DConditionModel.from_pretrained(tmp_path / "merged", subfolder="unet"),
+              "text_encoder": CLIPTextModel.from_pretrained(tmp_path / "merged", subfolder="text_encoder"),
+              "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tmp_path / "merged", subfolder="text_encoder_2")}
+    expected = _outputs(_peft_models(tiny_sdxl, folder / "adapter"))
+    got = _outputs({k: m.eval() for k, m in merged.items()})
+    for part in expected:
+        torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=1e-3, msg=part)

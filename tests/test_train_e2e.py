@@ -160,15 +160,33 @@ def test_prior_images_are_generated_once_and_reused(make_job, tmp_path):
     assert manifests[0].stat().st_mtime_ns == before
 
 
-def test_v_prediction_model_trains(tmp_path, subjects_root):
-    from conftest import job_dict, subject_entry, write_job
+@pytest.fixture(scope="module")
+def sd2_model(tmp_path_factory) -> Path:
     from training.tiny import build_tiny_model
 
-    model = build_tiny_model(tmp_path / "tiny-v", prediction_type="v_prediction")
-    job = write_job(tmp_path / "job.yaml", job_dict(model, [subject_entry(subjects_root, 0)], tmp_path / "out"))
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd2", prediction_type="v_prediction", shape="sd2")
+
+
+@pytest.mark.parametrize("kind", sorted(ADAPTERS))
+def test_sd2_shaped_v_prediction_model_trains_every_adapter(tmp_path, subjects_root, sd2_model, kind):
+    """SD 2.x's traits (v-prediction, linear projections, a head count per block, three blocks, a
+    64-wide text encoder), with a text-encoder adapter: trains, and the files load back in diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    from conftest import job_dict, subject_entry, write_job
+
+    adapter = {**ADAPTERS[kind], "text_encoder": {"type": kind, "rank": 2}}
+    job = write_job(tmp_path / "job.yaml", job_dict(sd2_model, [subject_entry(subjects_root, 0)], tmp_path / "out",
+                                                    adapter=adapter))
     proc = run_worker(job)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert status_of(job)["state"] == "done"
+    assert status_of(job)["state"] == "done" and "loaded a sd model" in proc.stderr
+    assert json.loads((sd2_model / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+    assert {p.name for p in (subject_dir(job) / "adapter").iterdir()} == {"unet", "text_encoder"}
+    if kind == "lora":
+        pipe = StableDiffusionPipeline.from_pretrained(sd2_model, safety_checker=None)
+        pipe.load_lora_weights(str(subject_dir(job) / f"{subject_dir(job).name}.safetensors"))
+        assert any("lora" in n for n, _ in pipe.unet.named_parameters())
 
 
 def _adapter(job: Path) -> dict[str, torch.Tensor]:

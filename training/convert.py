@@ -82,6 +82,11 @@ def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
 
     tensors = kohya.drop_anchors(_tensors(path), _header_metadata(path))
     family = model_family(model_dir)
+    foreign = sorted({k.split(".")[0].split("_", 2)[1] for k in tensors
+                      if not k.startswith(tuple(family.kohya_prefix.values()))})
+    if foreign:
+        raise InputError(f"{path} has keys for parts a {family.name} model lacks (lora_{'_*, lora_'.join(foreign)}_*); "
+                         "is --model the model it was trained on?")
     parts = {}
     for part, prefix in family.kohya_prefix.items():
         own = {k: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -96,11 +101,6 @@ def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
         parts[part] = export.Part(state, peft_config(spec, {}), spec)
     if "unet" not in parts:
         raise InputError(f"{path}: no lora_unet_* keys")
-    foreign = sorted({k.split(".")[0].split("_", 2)[1] for k in tensors
-                      if not k.startswith(tuple(family.kohya_prefix.values()))})
-    if foreign:
-        raise InputError(f"{path} has keys for parts a {family.name} model lacks (lora_{'_*, lora_'.join(foreign)}_*); "
-                         "is --model the model it was trained on?")
     return _adapter(parts, {**_metadata(path), export.FAMILY_METADATA: family.name})
 
 
