@@ -164,9 +164,12 @@ def load_manifest(uri: str) -> list[Subject]:
         raise ConfigError(f"{where(uri)} is empty")
     rows, problems = _parse_manifest(uri, text)
     subjects, seen = [], set()
+    from launcher.secrets import MANIFEST_ROW, find_credentials
+
     for label, row in rows:
         subject, row_problems = _row_problems(row)
         problems += [f"{label}: {p}" for p in row_problems]
+        problems += [f"{label}: {p.lstrip('.')}" for p in find_credentials(row, MANIFEST_ROW)]
         if subject is None:
             continue
         if subject.id in seen:

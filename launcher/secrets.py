@@ -121,14 +121,18 @@ def _strings(data: Any, path: str) -> Iterator[tuple[str, str | None, str]]:
         yield path, None, data
 
 
-def find_credentials(data: Any) -> list[str]:
-    """One problem per string of the job (a raw dict) that holds a credential."""
+JOB_FILE = ("a job file is copied into rendered scripts, manifests and the output's job.yaml, so it never "
+            "holds one")
+MANIFEST_ROW = "a subjects manifest's rows reach the workers' logs and status records, so they never hold one"
+
+
+def find_credentials(data: Any, why: str = JOB_FILE) -> list[str]:
+    """One problem per string of the job (a raw dict), or of a manifest row, that holds a credential."""
     problems, seen = [], set()
     for path, name, text in _strings(data, ""):
         if path in seen:
             continue
         if found := credential_in(text, name):
             seen.add(path)
-            problems.append(f"{path}: holds a credential ({found}); a job file is copied into rendered scripts, "
-                            f"manifests and the output's job.yaml, so it never holds one: {BY_REFERENCE}")
+            problems.append(f"{path}: holds a credential ({found}); {why}: {BY_REFERENCE}")
     return problems

@@ -264,3 +264,16 @@ def test_validate_reports_an_oversized_image_and_a_binary_manifest(tmp_path, mod
     path.write_bytes(img.read_bytes())
     code, err = _validate(tmp_path, model, str(path))
     assert code == 2 and f"subjects manifest {path} is not UTF-8 text: byte 0x89 at offset 0" in err, err
+
+
+def test_a_credential_in_a_manifest_row_is_refused_by_row_and_key_without_its_value(tmp_path, img):
+    """As in the job file (launcher.secrets): a signed URL, a token in a URI's user part."""
+    path = tmp_path / "subjects.jsonl"
+    signed = "https://photos.example.com/rex.png?X-Amz-Signature=0123456789abcdef0123456789abcdef"
+    path.write_bytes(_jsonl(_row(img, "ok"), _row(img, "signed", images=[signed]),
+                            _row(img, "token", images="s3://ghp_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA@bucket/rex/")))
+    problems = _problems(path)[1:]
+    assert len(problems) == 2, problems
+    assert problems[0].startswith("row 2: images.0: holds a credential") and "by reference" in problems[0]
+    assert problems[1].startswith("row 3: images: holds a credential")
+    assert not any("0123456789abcdef" in p or "ghp_" in p for p in problems)
