@@ -137,8 +137,9 @@ def _accelerate_precision(job: JobConfig, device: torch.device) -> str:
     return mixed
 
 
-def _accelerator(job: JobConfig, device: torch.device):
+def _accelerator(job: JobConfig, device: torch.device, text_encoders_train: bool = False):
     from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DistributedDataParallelKwargs
 
     on_gpu = device.type == "cuda"
     mixed = _accelerate_precision(job, device)
@@ -150,7 +151,12 @@ def _accelerator(job: JobConfig, device: torch.device):
         # no zero.Init: the models are built before the engine (which partitions them itself)
         plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(job, on_gpu), zero3_init_flag=False)
         return Accelerator(mixed_precision=mixed, deepspeed_plugin=plugin, step_scheduler_with_optimizer=False)
-    return Accelerator(mixed_precision=mixed, cpu=not on_gpu, step_scheduler_with_optimizer=False)
+    # a family may condition on an inner layer of a text encoder (SDXL: the penultimate hidden
+    # states), which leaves the adapters of the layers above out of the loss; DDP must then look
+    # for unused parameters, or it waits for their gradients forever
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=text_encoders_train)
+    return Accelerator(mixed_precision=mixed, cpu=not on_gpu, step_scheduler_with_optimizer=False,
+                       kwargs_handlers=[ddp])
 
 
 def _zero3(job: JobConfig) -> bool:
@@ -188,7 +194,7 @@ def run_data_parallel(job: JobConfig, env: WorkerEnv, preemption: Preemption, su
     # recipe (ACCELERATE_USE_DEEPSPEED + this PartialState first) gives a real DeepSpeedEngine
     on_cpu_ddp = device.type == "cpu" and job.distributed.strategy == "ddp"
     PartialState(cpu=on_cpu_ddp, backend=backend, timeout=timedelta(seconds=job.distributed.timeout_s))
-    accelerator = _accelerator(job, device)
+    accelerator = _accelerator(job, device, worker.train_te)
     log.info("accelerate: %s over %d process(es), backend %s", accelerator.distributed_type,
              accelerator.num_processes, backend)
     expected = "DEEPSPEED" if job.distributed.strategy == "deepspeed" else ("MULTI_GPU" if device.type == "cuda" else "MULTI_CPU")
