@@ -204,3 +204,16 @@ def store(request, monkeypatch):
     fresh = _fresh(request, request.param, monkeypatch)
     yield fresh
     fresh["proxy"].reset()
+
+
+def object_reads(store: dict, key: str) -> int:
+    """GETs of object contents (not listings or metadata) under bucket/key, on any store."""
+    from urllib.parse import unquote
+
+    proxy, bucket = store["proxy"], store["bucket"]
+    with proxy.lock:
+        paths = [unquote(p) for m, p in proxy.requests if m == "GET"]
+    if store["scheme"] == "gs":
+        return sum(p.startswith(f"/download/storage/v1/b/{bucket}/o/{key}") for p in paths)
+    prefix = f"/{bucket}/{key}" if store["scheme"] == "s3" else f"/{AZ_ACCOUNT}/{bucket}/{key}"
+    return sum(p.startswith(prefix) and "comp=" not in p and "list-type" not in p for p in paths)
