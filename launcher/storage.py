@@ -110,7 +110,9 @@ def _storage_options(uri: str) -> dict[str, Any]:
         return kwargs
     if uri.startswith(("az://", "abfs://", "abfss://")):
         # adlfs reads the account and credentials from AZURE_STORAGE_* itself; a connection string
-        # (a credential) carries a non-default endpoint such as Azurite's
+        # (a credential) carries a non-default endpoint such as Azurite's. The SDK logs every
+        # request and response at INFO, which would drown a worker's log (at INFO)
+        logging.getLogger("azure").setLevel(max(logging.WARNING, logging.getLogger("azure").level))
         return {"use_listings_cache": False}
     return {}
 
