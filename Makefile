@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -c constraints.txt -e ".[s3,test]"
+	$(PIP) install -q -c constraints.txt -e ".[s3,gcs,azure,test]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -36,6 +36,7 @@ demo: venv
 
 system-deps:
 	bash scripts/install-system-deps.sh
+	bash scripts/install-azurite.sh
 
 test: venv tools system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)

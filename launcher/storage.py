@@ -78,7 +78,8 @@ def _fs(uri: str):
 
 
 def _storage_options(uri: str) -> dict[str, Any]:
-    """Endpoint settings that are not secrets (e.g. an S3-compatible endpoint)."""
+    """Endpoint settings that are not secrets (an S3-compatible endpoint, a GCS emulator); the
+    only place that reads the storage endpoint variables."""
     if uri.startswith("s3://"):
         endpoint = os.environ.get("DREAMFLEET_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         kwargs: dict[str, Any] = {"client_kwargs": {"region_name": os.environ.get("AWS_DEFAULT_REGION", "us-east-1")}}
@@ -95,6 +96,24 @@ def _storage_options(uri: str) -> dict[str, Any]:
             config["retries"] = {"total_max_attempts": 2, "mode": "standard"}
         kwargs["config_kwargs"] = config
         return kwargs
+    if uri.startswith(("gs://", "gcs://")):
+        # the emulator convention of Google's own clients: STORAGE_EMULATOR_HOST is the endpoint
+        # and the credentials are anonymous (gcsfs reads the endpoint itself but would still look
+        # for credentials, up to the metadata server); DREAMFLEET_GCS_ENDPOINT is an endpoint that
+        # takes the usual credentials (application default, workload identity)
+        kwargs = {"use_listings_cache": False}
+        endpoint = os.environ.get("DREAMFLEET_GCS_ENDPOINT")
+        if endpoint:
+            kwargs["endpoint_url"] = endpoint
+        elif os.environ.get("STORAGE_EMULATOR_HOST"):
+            kwargs["token"] = "anon"
+        return kwargs
+    if uri.startswith(("az://", "abfs://", "abfss://")):
+        # adlfs reads the account and credentials from AZURE_STORAGE_* itself; a connection string
+        # (a credential) carries a non-default endpoint such as Azurite's. The SDK logs every
+        # request and response at INFO, which would drown a worker's log (at INFO)
+        logging.getLogger("azure").setLevel(max(logging.WARNING, logging.getLogger("azure").level))
+        return {"use_listings_cache": False}
     return {}
 
 
@@ -170,11 +189,14 @@ def write_bytes(uri: str, data: bytes) -> None:
 def create_exclusive(uri: str, data: bytes) -> bool:
     """Write one object only if nothing is there yet; True if this call created it.
 
-    The arbiter of the claim protocol (launcher.ledger), so it must be atomic: a hard link of a
-    complete temporary file on a local or shared POSIX filesystem, a conditional PUT
-    (If-None-Match: *) on S3. Other fsspec stores fall back to check-then-write, which is not
-    atomic (docs/storage.md). A PUT retried after a lost response finds its own bytes there:
-    that counts as created."""
+    The arbiter of the claim protocol (launcher.ledger), so it must be atomic, and it is the
+    store's own primitive: a hard link of a complete temporary file on a local or shared POSIX
+    filesystem, a conditional PUT (If-None-Match: *) on S3, an upload with the generation
+    precondition ifGenerationMatch=0 on GCS, an upload with If-None-Match: * on Azure Blob
+    (fsspec's mode="create" in s3fs, gcsfs and adlfs). Any other scheme has no such primitive
+    and falls back to check-then-write, which only one worker may rely on: a fleet of more than
+    one is refused there (require_exclusive_create). A PUT retried after a lost response finds
+    its own bytes there: that counts as created."""
     if is_local(uri):
         path = local_path(uri)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,7 +212,7 @@ def create_exclusive(uri: str, data: bytes) -> bool:
     fs, path = _fs(uri)
 
     def put() -> bool:
-        if not uri.startswith("s3://"):  # no conditional create in the API: check, write, read back
+        if not has_exclusive_create(uri):  # one worker only (require_exclusive_create): check, write, read back
             if fs.exists(path):
                 return False
             fs.pipe_file(path, data)
@@ -206,6 +228,22 @@ def create_exclusive(uri: str, data: bytes) -> bool:
             raise
 
     return call(uri, "create", put) or read_bytes(uri) == data
+
+
+EXCLUSIVE_SCHEMES = ("s3", "gs", "gcs", "az", "abfs", "abfss")  # stores with a conditional create
+
+
+def has_exclusive_create(uri: str) -> bool:
+    return is_local(uri) or uri.split("://", 1)[0] in EXCLUSIVE_SCHEMES
+
+
+def require_exclusive_create(uri: str, num_workers: int) -> None:
+    """Refuse a fleet of more than one worker on a store where two workers could both win one
+    claim (no conditional create); one worker alone never races."""
+    if num_workers > 1 and not has_exclusive_create(uri):
+        scheme = uri.split("://", 1)[0]
+        raise StorageError(f"output {redact(uri)}: {scheme}:// has no exclusive create, which the claims of "
+                           f"{num_workers} workers need; use a local or shared path, s3://, gs:// or az://, or one worker")
 
 
 def write_text(uri: str, text: str) -> None:

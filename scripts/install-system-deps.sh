@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # System packages the integration tests use: a real Slurm (slurm-wlm, munge), a container
-# engine (podman, runc, debootstrap), chromium, and a C compiler (the CPU attention kernel).
+# engine (podman, runc, debootstrap), chromium, a C compiler (the CPU attention kernel), and
+# Node/npm for Azurite, the Azure Blob emulator (its npm package goes under .cache/azurite:
+# scripts/install-azurite.sh, run by `make system-deps` after this script).
 # Installed only when missing, and only as root; otherwise the tests that need them say what
 # is missing (and fail under CI=true).
 set -euo pipefail
@@ -12,6 +14,8 @@ command -v runc >/dev/null || need+=(runc)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v chromium >/dev/null || need+=(chromium)
 command -v cc >/dev/null || need+=(gcc libc6-dev)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "not root: cannot install ${need[*]}; the integration tests that need them will report it" >&2

@@ -1,7 +1,7 @@
 """A loopback HTTP proxy for tests that counts requests and injects bounded faults in front of a
 real server (tests/s3.py puts it before moto's S3): the next N requests answer 503 SlowDown, the
 next N have their connection reset without an answer, or PUTs to a matching path stall until
-released (at most 300 s). It also keeps the most requests it has had in flight at once
+released (at most 300 s); for GCS, POSTs whose upload body names a matching object. It also keeps the most requests it has had in flight at once
 (`peak_in_flight`), which shows whether a client reads concurrently. It binds 127.0.0.1 only.
 """
 
@@ -20,7 +20,7 @@ STALL_LIMIT_S = 300
 class Faults:
     fail_503: int = 0  # the next N requests answer 503 SlowDown
     reset: int = 0  # the next N requests have their connection closed without an answer
-    stall_put_containing: str | None = None  # PUTs whose path contains this hang until released
+    stall_put_containing: str | None = None  # uploads (PUT path, GCS POST body) naming this hang until released
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -64,7 +64,10 @@ class Proxy:
                     fail = f.fail_503 > 0
                     if fail:
                         f.fail_503 -= 1
-                    stall = self.command == "PUT" and f.stall_put_containing and f.stall_put_containing in self.path
+                    # GCS names the object in a POST's body (a multipart upload), S3 and Azure in a PUT's path
+                    needle = f.stall_put_containing
+                    stall = bool(needle) and ((self.command == "PUT" and needle in self.path) or (
+                        self.command == "POST" and body is not None and needle.encode() in body[:65536]))
                 if fail:
                     payload = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
                     self.send_response(503)
@@ -90,7 +93,10 @@ class Proxy:
                 self.send_header("Content-Length", length)
                 self.end_headers()
                 if self.command != "HEAD":
-                    self.wfile.write(data)
+                    try:
+                        self.wfile.write(data)
+                    except (BrokenPipeError, ConnectionResetError):  # the client gave up (its time-out)
+                        self.close_connection = True
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward

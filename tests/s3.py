@@ -16,6 +16,7 @@ import pytest
 
 from faults import Proxy
 
+pytest_plugins = ["stores"]  # the GCS and Azure emulators and the `store` fixture over all three
 FAKE_KEY_ID = "testing-key-id"
 
 

@@ -1,6 +1,7 @@
 """Remote storage against a real S3 endpoint (moto's server on 127.0.0.1, through a loopback
 proxy that counts requests and injects faults): train from s3:// to s3://, stage once per node,
-survive transient faults and a kill during a checkpoint upload, and never write a credential."""
+survive transient faults and a kill during a checkpoint upload, and never write a credential.
+Training from the bucket and the kill mid-upload also run on gs:// and az:// (tests/stores.py)."""
 
 from __future__ import annotations
 
@@ -15,31 +16,40 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, job_dict, run_worker, worker_env, write_job
+from stores import fs_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 PLANTED = "planted-secret-value-7d1e"
 
 
 def s3fs_for(s3):
-    import s3fs
+    return fs_for({**s3, "scheme": "s3"})
 
-    return s3fs.S3FileSystem(key=s3["env"]["AWS_ACCESS_KEY_ID"], secret=s3["env"]["AWS_SECRET_ACCESS_KEY"],
-                             client_kwargs={"endpoint_url": s3["proxy"].url, "region_name": "us-east-1"},
-                             skip_instance_cache=True)
+
+def _upload_inputs(store, tiny_model, subjects_root):
+    """The tiny model and two subjects' images uploaded to the store's bucket."""
+    fs = fs_for(store)
+    b = store["bucket"]
+    fs.put(str(tiny_model) + "/", f"{b}/models/tiny/", recursive=True)
+    for i in range(2):
+        fs.put(str(subjects_root / f"subject-{i}") + "/", f"{b}/photos/s{i}/", recursive=True)
+    store["proxy"].requests.clear()
+    u = store.get("uri", f"s3://{b}")
+    subjects = [{"id": f"s{i}", "images": f"{u}/photos/s{i}", "instance_prompt": f"a photo of sks{i} thing"}
+                for i in range(2)]
+    return {**store, "fs": fs, "model": f"{u}/models/tiny", "subjects": subjects, "out": f"{u}/out"}
 
 
 @pytest.fixture
 def remote(s3, tiny_model, subjects_root):
-    """The tiny model and two subjects' images uploaded to the bucket."""
-    fs = s3fs_for(s3)
-    b = s3["bucket"]
-    fs.put(str(tiny_model) + "/", f"{b}/models/tiny/", recursive=True)
-    for i in range(2):
-        fs.put(str(subjects_root / f"subject-{i}") + "/", f"{b}/photos/s{i}/", recursive=True)
-    s3["proxy"].requests.clear()
-    subjects = [{"id": f"s{i}", "images": f"s3://{b}/photos/s{i}", "instance_prompt": f"a photo of sks{i} thing"}
-                for i in range(2)]
-    return {"fs": fs, "model": f"s3://{b}/models/tiny", "subjects": subjects, "out": f"s3://{b}/out", **s3}
+    """The inputs on S3."""
+    return _upload_inputs({**s3, "scheme": "s3"}, tiny_model, subjects_root)
+
+
+@pytest.fixture
+def any_remote(store, tiny_model, subjects_root):
+    """The inputs on each of S3, GCS and Azure."""
+    return _upload_inputs(store, tiny_model, subjects_root)
 
 
 def s3_job(tmp_path, remote, name="t", cache="cache", **sections) -> Path:
@@ -48,10 +58,12 @@ def s3_job(tmp_path, remote, name="t", cache="cache", **sections) -> Path:
     return write_job(tmp_path / f"{name}.yaml", job)
 
 
-def test_train_from_s3_to_s3_and_load_in_diffusers(tmp_path, remote, tiny_model):
+def test_train_from_bucket_to_bucket_and_load_in_diffusers(tmp_path, any_remote, tiny_model):
     from diffusers import StableDiffusionPipeline
 
-    env = {**remote["env"], "AWS_SECRET_ACCESS_KEY": PLANTED}
+    remote = any_remote
+    planted = {"s3": "AWS_SECRET_ACCESS_KEY", "gs": "DREAMFLEET_UNUSED_SECRET", "az": "DREAMFLEET_UNUSED_SECRET"}
+    env = {**remote["env"], planted[remote["scheme"]]: PLANTED}
     proc = run_worker(s3_job(tmp_path, remote, train={"checkpoint_every": 2}), env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     fs, b = remote["fs"], remote["bucket"]
@@ -67,7 +79,12 @@ def test_train_from_s3_to_s3_and_load_in_diffusers(tmp_path, remote, tiny_model)
     # the credential value is nowhere: not in any object written, not in the logs
     written = b"".join(p.read_bytes() for p in local.rglob("*") if p.is_file())
     assert PLANTED.encode() not in written and PLANTED not in proc.stderr + proc.stdout
-    assert remote["env"]["AWS_ACCESS_KEY_ID"].encode() not in written
+    for name in ("AWS_ACCESS_KEY_ID", "AZURE_STORAGE_CONNECTION_STRING"):  # nor the store's own credential
+        if name in remote["env"]:
+            assert remote["env"][name].encode() not in written and remote["env"][name] not in proc.stderr
+    if remote["scheme"] == "az":
+        key = remote["env"]["AZURE_STORAGE_CONNECTION_STRING"].split("AccountKey=")[1].split(";")[0]
+        assert key.encode() not in written and key not in proc.stderr + proc.stdout
 
 
 def test_staging_downloads_each_file_once_per_node(tmp_path, remote):
@@ -109,7 +126,8 @@ def test_unreachable_bucket_is_a_clear_error(tmp_path, remote):
     assert PLANTED not in proc.stderr
 
 
-def test_kill_during_checkpoint_upload_resumes_from_the_last_complete_one(tmp_path, remote, tiny_model):
+def test_kill_during_checkpoint_upload_resumes_from_the_last_complete_one(tmp_path, any_remote, tiny_model):
+    remote = any_remote
     train = {"steps": 30, "checkpoint_every": 10, "log_every": 10}
     subjects = remote["subjects"][:1]
     straight = write_job(tmp_path / "straight.yaml", job_dict(tiny_model, [dict(subjects[0], images=str(tmp_path / "imgs"))],
@@ -125,7 +143,12 @@ def test_kill_during_checkpoint_upload_resumes_from_the_last_complete_one(tmp_pa
     proxy.faults.stall_put_containing = "checkpoints/step-00000020/"
     worker = subprocess.Popen([sys.executable, "-m", "training.worker", "--job", str(job_path)],
                               env=worker_env(remote["env"]), cwd=REPO, stderr=subprocess.PIPE, text=True)
-    assert proxy.faults.stalled.wait(timeout=300), "the worker never reached the second checkpoint"
+    deadline = time.monotonic() + 300
+    while not proxy.faults.stalled.wait(timeout=1) and worker.poll() is None and time.monotonic() < deadline:
+        pass
+    if not proxy.faults.stalled.is_set():
+        worker.kill()
+        pytest.fail(f"the worker never reached the second checkpoint: {worker.communicate()[1][-3000:]}")
     worker.send_signal(signal.SIGKILL)
     worker.communicate(timeout=60)
     fs, root = remote["fs"], f"{remote['bucket']}/out/t/subjects/s0/checkpoints"
