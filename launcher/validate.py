@@ -99,6 +99,11 @@ def unsupported(job: JobConfig) -> list[str]:
                       "as subjects join and leave the pack, and every change would recompile the UNet")
     if job.train.pack != 1:
         errors += _unpackable(job)
+    workers = (job.cluster.shards or 1) * d.nnodes * d.nproc_per_node
+    try:
+        storage.require_exclusive_create(job.output.uri, workers)
+    except StorageError as exc:
+        errors.append(f"output.uri: {exc}")
     if d.strategy in ("ddp", "deepspeed") and job.train.gradient_accumulation > 1:
         errors.append(f"train.gradient_accumulation={job.train.gradient_accumulation} is not supported with "
                       f"distributed.strategy {d.strategy} yet: raise train.batch_size or add processes instead "

@@ -380,3 +380,20 @@ def test_shipped_sample_prompts_read_right_with_the_instance_prompts(example):
         for prompt in job.train.samples.prompts:
             filled = prompt.replace("{instance}", s.instance_prompt)
             assert "a photo of a photo" not in filled and filled.count("{") == 0, filled
+
+
+def test_a_fleet_on_a_store_without_exclusive_create_is_refused():
+    """Claims need an exclusive create (launcher.storage): two workers on a store without one could
+    both win a subject; one worker alone never races."""
+    from launcher.config import JobConfig
+    from launcher.validate import unsupported
+
+    job = {"name": "x", "model": {"source": "/m"}, "output": {"uri": "ftp://host/out"},
+           "subjects": [{"id": "a", "images": "/x", "instance_prompt": "p"}]}
+    assert unsupported(JobConfig.model_validate(job)) == []
+    fleet = JobConfig.model_validate({**job, "distributed": {"nproc_per_node": 2}})
+    assert [p for p in unsupported(fleet) if p.startswith("output.uri: ")] == [
+        "output.uri: output ftp://host/out: ftp:// has no exclusive create, which the claims of 2 workers need; "
+        "use a local or shared path, s3://, gs:// or az://, or one worker"]
+    for uri in ("s3://b/out", "gs://b/out", "az://c/out", "/shared/out"):
+        assert unsupported(JobConfig.model_validate({**job, "output": {"uri": uri}, "distributed": {"nproc_per_node": 2}})) == []
