@@ -80,8 +80,9 @@ def for_model(cfg: ModelConfig | None, path: str | Path) -> Family:
     cfg = cfg or ModelConfig(source=str(path))
     present = {p.name for p in path.iterdir()} if path.is_dir() else set()
     model_index, unet = _json(path / "model_index.json"), _json(path / "unet" / "config.json")
+    transformer = _json(path / "transformer" / "config.json")
     try:
-        name = layouts.detect(present, model_index, unet) if cfg.family == "auto" else cfg.family
+        name = layouts.detect(present, model_index, unet, transformer) if cfg.family == "auto" else cfg.family
     except layouts.UnknownFamily as exc:
         raise InputError(f"model {cfg.source}: {exc}") from None
     if problems := layouts.check(name, present, unet):
