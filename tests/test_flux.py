@@ -256,3 +256,63 @@ def test_flux_pack_of_two_equals_two_single_runs(tmp_path, tiny_flux, subjects_r
         a, b = _adapter(tmp_path / "out", "alone", sid), _adapter(tmp_path / "out", "packed", sid)
         assert a.keys() == b.keys()
         assert max((a[k] - b[k]).abs().max().item() for k in a) < ATOL, sid
+
+
+def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, subjects_root, monkeypatch):
+    """Stopped at step 3 of 6 (a checkpoint, as on SIGUSR1), then resumed by a fresh worker:
+    equal to a straight run, for the transformer and the CLIP adapter."""
+    from launcher.config import load_job
+    from training import loop
+    from training.env import Preemption, WorkerEnv
+    from training.runner import Worker
+
+    adapter = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
+    train = {"steps": 6, "lr_scheduler": "cosine", "warmup_steps": 2, "weighting_scheme": "logit_normal"}
+
+    def run(name: str, preemption: Preemption):
+        job = load_job(_job(tmp_path, tiny_flux, subjects_root, name, adapter=adapter, train=train))
+        return Worker(job, WorkerEnv(), preemption, torch.device("cpu"), "test").run(list(job.subjects))
+
+    assert [o.state for o in run("straight", Preemption())] == ["done"]
+    stop = Preemption()
+    real_step, steps = loop.Stepper.step, []
+
+    def counting(self):
+        steps.append(1)
+        if len(steps) == 3:
+            stop.trigger()
+        return real_step(self)
+
+    monkeypatch.setattr(loop.Stepper, "step", counting)
+    assert [o.state for o in run("resumed", stop)] == ["preempted"]
+    monkeypatch.setattr(loop.Stepper, "step", real_step)
+    assert [o.state for o in run("resumed", Preemption())] == ["done"]
+    for part in ("transformer", "text_encoder"):
+        a, b = _adapter(tmp_path / "out", "straight", part=part), _adapter(tmp_path / "out", "resumed", part=part)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, part
+
+
+@torch.no_grad()
+def test_the_jobs_guidance_reaches_a_guidance_distilled_transformer(tiny_flux):
+    from diffusers import FluxTransformer2DModel
+
+    from launcher.config import ModelConfig, TrainConfig
+    from training import families
+
+    family = families.for_model(ModelConfig(source=str(tiny_flux)), tiny_flux, TrainConfig(guidance=1.0))
+    assert family.name == "flux" and family.guidance == 1.0
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").eval()
+    gen = torch.Generator().manual_seed(0)
+    noisy, t = torch.randn(1, 16, 8, 8, generator=gen), torch.tensor([600.0])
+    cond = {"encoder_hidden_states": torch.randn(1, 32, 32, generator=gen),
+            "pooled_projections": torch.randn(1, 32, generator=gen)}
+    low = family.predict(model, noisy, t, cond)
+    high = family.configure(TrainConfig(guidance=5.0)).predict(model, noisy, t, cond)
+    assert low.shape == noisy.shape and not torch.allclose(low, high)
+    # what the pipeline computes for the same packed input (timestep / 1000, guidance, ids)
+    from training.families.flux import image_ids, pack, unpack
+
+    direct = model(hidden_states=pack(noisy), timestep=t / 1000, guidance=torch.tensor([1.0]),
+                   txt_ids=torch.zeros(32, 3), img_ids=image_ids(8, 8, "cpu", torch.float32), return_dict=False,
+                   **cond)[0]
+    torch.testing.assert_close(unpack(direct, 8, 8), low)
