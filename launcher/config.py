@@ -163,7 +163,7 @@ class ModelConfig(Section):
     variant: str | None = Field(None, description="Weights variant to load, e.g. 'fp16' for *.fp16.safetensors.")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder; 'auto' is bf16 on a GPU where supported, else fp16, and fp32 on a CPU; an explicit value applies on every device.")
     cache_dir: str | None = Field(None, description="Node-local staging cache for remote models (local NVMe, an emptyDir); default ~/.cache/dreamfleet/models.")
-    family: Literal["auto", "sd", "sdxl"] = Field("auto", description="Model family: 'auto' detects it from the model's own files (model_index.json, the UNet's config); 'sd' (1.x/2.x) or 'sdxl' where they cannot be read before the download (a Hub id).")
+    family: Literal["auto", "sd", "sdxl", "flux"] = Field("auto", description="Model family: 'auto' detects it from the model's own files (model_index.json, the denoiser's config); 'sd' (1.x/2.x), 'sdxl' or 'flux' (Flux.1) where they cannot be read before the download (a Hub id).")
     vae: Annotated[str, AfterValidator(location)] | None = Field(None, description="A separate VAE to load instead of the model's own (e.g. SDXL's fp16-fixed VAE): a folder holding the VAE's config.json (or a vae/ subfolder), a URI or a Hub repo id.")
 
 
@@ -261,6 +261,10 @@ class TrainConfig(Section):
     center_crop: bool = Field(True, description="Center-crop after resizing (else a seeded random crop).")
     random_flip: bool = Field(False, description="Randomly flip images horizontally.")
     noise_offset: float = Field(0.0, ge=0, description="Offset noise strength (0 disables).")
+    guidance: float = Field(3.5, ge=0, description="Flux: the guidance value fed to a guidance-distilled transformer (FLUX.1-dev) in training; other models ignore it.")
+    weighting_scheme: Literal["none", "logit_normal"] = Field("none", description="Flow-matching families (Flux): how training timesteps are drawn, 'none' uniformly, 'logit_normal' from a logit-normal density (train.logit_mean, train.logit_std).")
+    logit_mean: float = Field(0.0, description="Mean of the logit-normal timestep density (train.weighting_scheme logit_normal).")
+    logit_std: float = Field(1.0, gt=0, description="Standard deviation of the logit-normal timestep density (train.weighting_scheme logit_normal).")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory (never on a text encoder with an adapter).")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at preemption).")
     keep_checkpoints: int = Field(2, gt=0, description="How many recent checkpoints to keep per subject.")

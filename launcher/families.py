@@ -28,7 +28,11 @@ LAYOUTS = {
                    ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
                    ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                     "StableDiffusionXLInpaintPipeline")),
+    "flux": Layout("flux", "Flux.1",
+                   ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+                   ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")),
 }
+DENOISER_CLASSES = {"FluxTransformer2DModel": "flux"}  # transformer/config.json `_class_name` -> family
 SUPPORTED = ", ".join(f"{layout.name} ({layout.title})" for layout in LAYOUTS.values())
 
 
@@ -36,18 +40,23 @@ class UnknownFamily(ValueError):
     """The model's files match no supported family; the message says what was found."""
 
 
-def detect(present: set[str], model_index: dict | None, unet_config: dict | None) -> str:
+def detect(present: set[str], model_index: dict | None, unet_config: dict | None,
+           transformer_config: dict | None = None) -> str:
     """The family name of a model folder holding the subfolders `present`, given its
-    model_index.json and unet/config.json (None where absent)."""
+    model_index.json, unet/config.json and transformer/config.json (None where absent)."""
     pipeline = (model_index or {}).get("_class_name")
     for layout in LAYOUTS.values():
         if pipeline in layout.pipelines:
             return layout.name
+    if (transformer_config or {}).get("_class_name") in DENOISER_CLASSES:
+        return DENOISER_CLASSES[transformer_config["_class_name"]]
     if unet_config is not None:
         # no (known) pipeline class: the UNet tells SDXL (pooled text + size conditioning) from SD
         return "sdxl" if unet_config.get("addition_embed_type") == "text_time" else "sd"
     found = f"a {pipeline}" if pipeline else "a model"
     denoiser = "transformer/" if "transformer" in present else "no unet/"
+    if transformer_config and transformer_config.get("_class_name"):
+        denoiser = f"a {transformer_config['_class_name']} in transformer/"
     raise UnknownFamily(f"{found} with {denoiser} ({', '.join(sorted(present)) or 'no subfolders'}) is not a "
                         f"supported family; supported: {SUPPORTED}")
 
@@ -60,7 +69,7 @@ def check(name: str, present: set[str], unet_config: dict | None) -> list[str]:
         return [f"lacks the component subfolder(s) {', '.join(missing)} (a {layout.title} model in the diffusers "
                 f"layout has {', '.join(layout.components)})"]
     text_time = (unet_config or {}).get("addition_embed_type") == "text_time"
-    if unet_config is not None and text_time != (name == "sdxl"):
+    if name in ("sd", "sdxl") and unet_config is not None and text_time != (name == "sdxl"):
         what = "has" if text_time else "lacks"
         return [f"is named model.family {name} but its UNet {what} SDXL's text_time conditioning "
                 f"(addition_embed_type {unet_config.get('addition_embed_type')!r})"]

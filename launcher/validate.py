@@ -23,10 +23,12 @@ def model_family(source: str, override: str = "auto") -> tuple[str | None, list[
         present = set(storage.list_names(source))
         model_index = storage.read_json(storage.join(source, "model_index.json")) if "model_index.json" in present else None
         unet = storage.read_json(storage.join(source, "unet", "config.json")) if "unet" in present else None
+        transformer = (storage.read_json(storage.join(source, "transformer", "config.json"))
+                       if "transformer" in present else None)
     except (StorageError, ValueError) as exc:  # ValueError: a config that is not JSON
         return None, [f"model.source: {storage.redact(source)}: {exc}"]
     try:
-        family = families.detect(present, model_index, unet) if override == "auto" else override
+        family = families.detect(present, model_index, unet, transformer) if override == "auto" else override
     except families.UnknownFamily as exc:
         return None, [f"model.source: {storage.redact(source)}: {exc}"]
     return family, [f"model.source: {storage.redact(source)} {p}" for p in families.check(family, present, unet)]
@@ -35,9 +37,15 @@ def model_family(source: str, override: str = "auto") -> tuple[str | None, list[
 def check_model(job: JobConfig) -> list[str]:
     """The model's layout, and what the job asks of it that its family does not have."""
     family, problems = model_family(job.model.source, job.model.family)
-    if job.adapter.text_encoder_2 is not None and family not in (None, "sdxl"):
+    if job.adapter.text_encoder_2 is not None and family == "flux":
+        problems.append("adapter.text_encoder_2: Flux's T5 encoder stays frozen (as in diffusers' reference "
+                        "trainer); adapt the CLIP encoder with adapter.text_encoder")
+    elif job.adapter.text_encoder_2 is not None and family not in (None, "sdxl"):
         problems.append(f"adapter.text_encoder_2: a {families.LAYOUTS[family].title} model has one text encoder; "
                         "use adapter.text_encoder")
+    if family == "flux" and "kohya" in job.output.formats and "formats" in job.output.model_fields_set:
+        problems.append("output.formats: the kohya/ComfyUI single file is not written for Flux yet (docs/families.md); "
+                        "use peft and diffusers")
     return problems
 
 

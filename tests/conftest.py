@@ -169,3 +169,11 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     from training.tiny import build_tiny_sdxl
 
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """A tiny random-weight Flux.1 model (transformer, CLIP and T5 encoders), built once per session."""
+    from training.tiny import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")

@@ -40,13 +40,15 @@ def test_the_family_is_read_from_the_model_files(tiny_model, tiny_sdxl, tmp_path
 
 
 def test_a_model_of_no_supported_family_is_refused_at_validate(tmp_path, tiny_sdxl, subjects_root):
-    flux = tmp_path / "flux"
-    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"):
-        (flux / part).mkdir(parents=True)
-        (flux / part / "config.json").write_text("{}")
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    _user_error(_validate(tmp_path, flux, subjects_root), "a FluxPipeline with transformer/",
-                "supported: sd (Stable Diffusion 1.x/2.x), sdxl (Stable Diffusion XL)")
+    sd3 = tmp_path / "sd3"
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "scheduler"):
+        (sd3 / part).mkdir(parents=True)
+        (sd3 / part / "config.json").write_text("{}")
+    (sd3 / "transformer" / "config.json").write_text(json.dumps({"_class_name": "SD3Transformer2DModel"}))
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    _user_error(_validate(tmp_path, sd3, subjects_root),
+                "a StableDiffusion3Pipeline with a SD3Transformer2DModel in transformer/",
+                "supported: sd (Stable Diffusion 1.x/2.x), sdxl (Stable Diffusion XL), flux (Flux.1)")
 
 
 def test_family_mismatches_are_refused_at_validate(tmp_path, tiny_model, tiny_sdxl, subjects_root):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.config import ModelConfig
+from launcher.config import ModelConfig, TrainConfig
 from training import families
 from training.families import Family
 from training.precision import dtype_of
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Components:
     family: Family
-    denoiser: torch.nn.Module  # the UNet (its part name is family.denoiser)
+    denoiser: torch.nn.Module  # the UNet or a DiT's transformer (its part name is family.denoiser)
     vae: torch.nn.Module
     text_encoders: dict[str, torch.nn.Module]  # by part name, in the family's order
     tokenizers: dict[str, object]  # by the text encoder they feed
@@ -67,19 +67,18 @@ def resolve_model_path(cfg: ModelConfig, source: str | None = None) -> str:
     return source  # a Hub repo id: from_pretrained downloads it (needs Hub access)
 
 
-def load_components(cfg: ModelConfig, device: torch.device) -> Components:
-    """Every part the model's family names, each from its subfolder; the base frozen."""
-    from diffusers import DDPMScheduler
-    from transformers import CLIPTokenizer
-
+def load_components(cfg: ModelConfig, device: torch.device, train: TrainConfig | None = None) -> Components:
+    """Every part the model's family names, each from its subfolder; the base frozen. `train`:
+    the job's train settings, which the family reads what it needs from (Family.configure)."""
     path = resolve_model_path(cfg)
-    family = families.for_model(cfg, path)
+    family = families.for_model(cfg, path, train)
     common = {"revision": cfg.revision} if cfg.revision else {}
     weights = dict(common, **({"variant": cfg.variant} if cfg.variant else {}))
     half = frozen_dtype(cfg, device)
 
-    tokenizers = {te: CLIPTokenizer.from_pretrained(path, subfolder=sub, **common) for te, sub in family.tokenizers.items()}
-    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    tokenizers = {te: families.class_of(family.tokenizer_classes[te]).from_pretrained(path, subfolder=sub, **common)
+                  for te, sub in family.tokenizers.items()}
+    noise_scheduler = families.class_of(family.scheduler).from_pretrained(path, subfolder="scheduler", **common)
     models = {}
     for part, spec in family.parts.items():
         dtype = torch.float32 if part == family.denoiser else half

@@ -127,6 +127,7 @@ class LatentCache:
     std: torch.Tensor
     scaling_factor: float
     crops: torch.Tensor
+    shift_factor: float = 0.0  # the VAE's latent mean (Flux's VAE has one; SD's and SDXL's none)
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -135,7 +136,10 @@ class LatentCache:
         index = index.to(self.mean.device)
         mean, std = self.mean[index], self.std[index]
         noise = torch.randn(mean.shape, generator=generator, device=generator.device)
-        return (mean + std * noise) * self.scaling_factor
+        latents = mean + std * noise
+        if self.shift_factor:  # (z - shift) * scale, as the pipeline's decode inverts; SD/SDXL unchanged
+            latents = latents - self.shift_factor
+        return latents * self.scaling_factor
 
 
 @torch.no_grad()
@@ -152,4 +156,5 @@ def encode_latents(vae, images: tuple[torch.Tensor, list[Crop]], device: torch.d
         means.append(dist.mean.float())
         stds.append(dist.std.float())
     ids = torch.tensor([c.ids() for c in crops], dtype=torch.float32, device=device)
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), ids)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), ids, shift)

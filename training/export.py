@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from launcher import __version__
 from launcher.config import AdapterSpec, LoraSpec
 
+log = logging.getLogger(__name__)
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 # PeftModel.save_pretrained names every tensor from the PeftModel wrapper down (PeftModel.base_model
@@ -127,7 +129,12 @@ def write_all(adapter: TrainedAdapter, directory: Path, formats: list[str], subj
     if "diffusers" in formats and (path := write_diffusers(adapter, directory)) is not None:
         written.append(path)
     if "kohya" in formats:
+        from training import families
         from training.kohya import write_kohya
 
-        written.append(write_kohya(adapter, directory / f"{subject_id}.safetensors"))
+        if families.get(adapter.family).kohya_prefix:
+            written.append(write_kohya(adapter, directory / f"{subject_id}.safetensors"))
+        else:  # only the default formats reach here: validate refuses kohya named for such a family
+            log.info("subject %s: no kohya/ComfyUI file for a %s adapter yet (docs/families.md)", subject_id,
+                     adapter.family)
     return written

@@ -43,7 +43,7 @@ class Worker:
 
             fingerprint.check(job)  # a job file run by hand with changed settings stops here (exit 2)
             storage.write_text(storage.join(self.job_uri, "job.yaml"), dump_job(job))
-        self.c = load_components(job.model, self.device)
+        self.c = load_components(job.model, self.device, job.train)
         self.specs = adapters.specs(job.adapter, self.c.family)
         self.train_te = len(self.specs) > 1
         cpu_attention.install(self.c.denoiser, "sdpa" if job.train.compile else job.train.attention)

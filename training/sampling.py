@@ -15,12 +15,11 @@ from training.precision import inference_autocast
 
 
 def pipeline(c: Components):
-    """The family's inference pipeline over the loaded (possibly adapted) components, with DDIM
-    (PNDM fails at very few steps), no safety checker or watermark."""
-    from diffusers import DDIMScheduler
-
+    """The family's inference pipeline over the loaded (possibly adapted) components, with the
+    family's sampler (a fresh one: sampling must not change the training scheduler's state),
+    no safety checker or watermark."""
     pipe = c.family.pipeline(c)
-    pipe.scheduler = DDIMScheduler.from_config(c.noise_scheduler.config)
+    pipe.scheduler = c.family.sampler(c.noise_scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

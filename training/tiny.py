@@ -7,6 +7,7 @@ downloaded.
     python -m training.tiny model DIR            # SD 1.x layout: unet/ vae/ text_encoder/ tokenizer/ scheduler/
     python -m training.tiny model DIR --family sdxl   # SDXL layout: + text_encoder_2/ tokenizer_2/
     python -m training.tiny model DIR --shape sd2     # SD 2.x-like UNet (linear projections, 3 blocks), v-prediction
+    python -m training.tiny model DIR --family flux   # Flux.1 layout: transformer/ vae/ text_encoder/ (CLIP) text_encoder_2/ (T5)
     python -m training.tiny subjects DIR --count 3 --images 4
     python -m training.tiny sd15 DIR             # SD 1.5 layer sizes, random weights (GPU benchmarks)
     python -m training.tiny sdxl DIR             # SDXL layer sizes, random weights (GPU benchmarks)
@@ -168,6 +169,65 @@ def build_tiny_sdxl(directory: str | Path, seed: int = 0, shape: str = "tiny") -
     return directory
 
 
+# Flux.1: a transformer over 2x2 patches of a 16-channel latent (in_channels = 16 x 4), conditioned
+# on the T5 sequence (joint_attention_dim = T5's width) and CLIP's pooled output
+# (pooled_projection_dim = CLIP's width); guidance-embedded like FLUX.1-dev. The VAE has Flux's
+# shift and scaling factors and no quant convs; the scheduler shifts dynamically, as dev's does.
+FLUX_TINY = {
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(2, 2, 4)),
+    "vae": dict(SHAPES["tiny"]["vae"], latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611,
+                use_quant_conv=False, use_post_quant_conv=False),
+    "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    "t5": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu"),
+    "t5_max_length": 32,
+}
+
+
+def _t5_tokenizer(max_length: int):
+    """A T5 tokenizer made on the fly: a Unigram model (what T5's sentencepiece model is) over
+    letters, digits and a little punctuation, with T5's special tokens, as T5TokenizerFast."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    chars = string.ascii_letters + string.digits + ".,!?'-_"
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    vocab += [(c, -2.0) for c in chars] + [("\u2581" + c, -1.5) for c in chars]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                       special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                           model_max_length=max_length)
+
+
+def build_tiny_flux(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random-weight Flux.1 pipeline in the diffusers layout (one double- and one
+    single-stream block); returns the directory."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    sizes = FLUX_TINY
+    tokenizer = _tokenizer(directory / "tokenizer")
+    tokenizer_2 = _t5_tokenizer(sizes["t5_max_length"])
+    t5 = T5Config(vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id,
+                  eos_token_id=tokenizer_2.eos_token_id, decoder_start_token_id=0, **sizes["t5"])
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15),
+        vae=AutoencoderKL(**sizes["vae"]), text_encoder=CLIPTextModel(_text_config(tokenizer, sizes["text"])),
+        tokenizer=tokenizer, text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
+        transformer=FluxTransformer2DModel(**sizes["transformer"]))
+    pipe.save_pretrained(directory)
+    return directory
+
+
 PALETTE = [(220, 60, 60), (60, 160, 80), (60, 90, 220), (230, 180, 40), (160, 70, 200), (40, 190, 200)]
 
 
@@ -198,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
                    help="default: epsilon; v_prediction for --shape sd2")
-    m.add_argument("--family", default="sd", choices=["sd", "sdxl"])
+    m.add_argument("--family", default="sd", choices=["sd", "sdxl", "flux"])
     m.add_argument("--shape", default="tiny", choices=["tiny", "sd2"], help="the SD UNet's shape (--family sd)")
     big = sub.add_parser("sd15", help="build an SD 1.5-shaped random-weight model (for GPU benchmarks)")
     big.add_argument("directory")
@@ -209,7 +269,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--count", type=int, default=3)
     s.add_argument("--images", type=int, default=4)
     args = parser.parse_args(argv)
-    if args.what == "model" and args.family == "sdxl":
+    if args.what == "model" and args.family == "flux":
+        print(build_tiny_flux(args.directory, seed=args.seed))
+    elif args.what == "model" and args.family == "sdxl":
         print(build_tiny_sdxl(args.directory, seed=args.seed))
     elif args.what == "model":
         kind = args.prediction_type or ("v_prediction" if args.shape == "sd2" else "epsilon")

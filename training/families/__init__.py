@@ -5,7 +5,10 @@ ask the family of the loaded model (`Components.family`) and never test for one.
 A family says:
 
 - `parts`: the model parts by subfolder and class (the denoiser first, then the text encoders),
-  `tokenizers` (text encoder -> tokenizer subfolder), and the denoiser's part name;
+  `tokenizers` (text encoder -> tokenizer subfolder) and `tokenizer_classes`, the training
+  `scheduler` class, and the denoiser's part name;
+- `configure(train)` -> the family with the job settings it reads (Flux: train.guidance and
+  train.weighting_scheme), so that no loop passes them or tests for a family;
 - `tokenize(tokenizers, prompts)` -> token ids per text encoder, and
   `encode(text_encoders, ids)` -> the prompt conditioning (a dict of batched tensors): what is
   cached while the text encoders are frozen;
@@ -15,11 +18,12 @@ A family says:
   `draw_timesteps(...)` and `noisy_and_target(...)` -> the training objective: the noised
   latents and what the denoiser is trained to predict (epsilon, v-prediction; flow matching
   for a DiT family);
-- `pipeline(components)` -> the inference pipeline for class images and samples;
+- `pipeline(components)` -> the inference pipeline for class images and samples, and
+  `sampler(scheduler_config)` -> the scheduler it samples with;
 - `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes;
 - `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another.
 
-`for_model(cfg, path)` picks the family from the model's files (launcher.families.detect) or
+`for_model(cfg, path, train)` picks the family from the model's files (launcher.families.detect) or
 `model.family`. Adding a family is adding one module here and its tiny model in training.tiny.
 """
 
@@ -41,7 +45,11 @@ class Family(Protocol):
     denoiser: str  # the denoiser's part name (its subfolder): "unet", or "transformer" for a DiT
     parts: dict[str, str]  # part -> "library:Class", the denoiser first
     tokenizers: dict[str, str]  # text encoder part -> tokenizer subfolder
+    tokenizer_classes: dict[str, str]  # text encoder part -> "library:Class" of its tokenizer
+    scheduler: str  # "library:Class" of the training noise scheduler (scheduler/)
     kohya_prefix: dict[str, str]  # part -> kohya/A1111/ComfyUI key prefix
+
+    def configure(self, train) -> "Family": ...
 
     def targets(self, part: str) -> dict[str, list[str]]: ...
 
@@ -62,31 +70,35 @@ class Family(Protocol):
 
     def pipeline(self, c): ...
 
+    def sampler(self, config): ...
+
     def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype: ...
 
 
-PARTS = ("unet", "text_encoder", "text_encoder_2")  # every family's adaptable parts, in export order
+PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # every family's adaptable parts, in export order
 
 
 def get(name: str) -> Family:
-    from training.families import sd, sdxl
+    from training.families import flux, sd, sdxl
 
-    return {"sd": sd.FAMILY, "sdxl": sdxl.FAMILY}[name]
+    return {"sd": sd.FAMILY, "sdxl": sdxl.FAMILY, "flux": flux.FAMILY}[name]
 
 
-def for_model(cfg: ModelConfig | None, path: str | Path) -> Family:
-    """The family of the model in the local folder `path` (model.family, else its files)."""
+def for_model(cfg: ModelConfig | None, path: str | Path, train=None) -> Family:
+    """The family of the model in the local folder `path` (model.family, else its files),
+    configured with the job's train settings where given."""
     path = Path(path)
     cfg = cfg or ModelConfig(source=str(path))
     present = {p.name for p in path.iterdir()} if path.is_dir() else set()
     model_index, unet = _json(path / "model_index.json"), _json(path / "unet" / "config.json")
+    transformer = _json(path / "transformer" / "config.json")
     try:
-        name = layouts.detect(present, model_index, unet) if cfg.family == "auto" else cfg.family
+        name = layouts.detect(present, model_index, unet, transformer) if cfg.family == "auto" else cfg.family
     except layouts.UnknownFamily as exc:
         raise InputError(f"model {cfg.source}: {exc}") from None
     if problems := layouts.check(name, present, unet):
         raise InputError(f"model {cfg.source} {problems[0]}")
-    return get(name)
+    return get(name) if train is None else get(name).configure(train)
 
 
 def of_adapter(parts, metadata: dict[str, str]) -> str:

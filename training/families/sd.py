@@ -28,9 +28,14 @@ class StableDiffusion:
     denoiser = "unet"
     parts = {"unet": "diffusers:UNet2DConditionModel", "text_encoder": "transformers:CLIPTextModel"}
     tokenizers = {"text_encoder": "tokenizer"}
+    tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer"}
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)
+
+    def configure(self, train):
+        return self  # reads no job setting
 
     def targets(self, part: str) -> dict[str, list[str]]:
         return UNET_TARGETS if part == self.denoiser else TEXT_ENCODER_TARGETS
@@ -55,6 +60,11 @@ class StableDiffusion:
             unet=c.denoiser, vae=c.vae, text_encoder=c.text_encoders["text_encoder"],
             tokenizer=c.tokenizers["text_encoder"], scheduler=c.noise_scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+    def sampler(self, config):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(config)  # PNDM fails at very few steps
 
     def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype:
         return frozen

@@ -23,9 +23,14 @@ class StableDiffusionXL:
     parts = {"unet": "diffusers:UNet2DConditionModel", "text_encoder": "transformers:CLIPTextModel",
              "text_encoder_2": "transformers:CLIPTextModelWithProjection"}
     tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+    tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer", "text_encoder_2": "transformers:CLIPTokenizer"}
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)
+
+    def configure(self, train):
+        return self  # reads no job setting
 
     def targets(self, part: str) -> dict[str, list[str]]:
         # SDXL's UNet and both CLIP encoders use the module names of SD's (tests check each preset matches)
@@ -58,6 +63,11 @@ class StableDiffusionXL:
             vae=c.vae, text_encoder=c.text_encoders["text_encoder"], text_encoder_2=c.text_encoders["text_encoder_2"],
             tokenizer=c.tokenizers["text_encoder"], tokenizer_2=c.tokenizers["text_encoder_2"], unet=c.denoiser,
             scheduler=c.noise_scheduler, add_watermarker=False)
+
+    def sampler(self, config):
+        from diffusers import DDIMScheduler
+
+        return DDIMScheduler.from_config(config)  # PNDM fails at very few steps
 
     def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype:
         return torch.float32 if frozen == torch.float16 and not separate_vae else frozen

@@ -1,0 +1,318 @@
+"""Flux.1 through the family layer, on the tiny Flux model: detection and refusals; the packing,
+position ids and flow-matching objective checked against diffusers' own code; every adapter kind
+(and a CLIP adapter) through the real worker, with priors and samples from the Flux pipeline;
+loaders no one here wrote (PEFT's, and FluxPipeline.load_lora_weights) reading what the worker
+published and reproducing our model's output; a pack of two equal to two single runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import job_dict, run_cli, run_worker, subject_entry, write_job
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-4
+ADAPTERS = {
+    "lora": {"type": "lora", "rank": 4, "targets": "comprehensive"},
+    "loha": {"type": "loha", "rank": 4, "targets": "comprehensive"},
+    "lokr": {"type": "lokr", "rank": 4, "targets": "comprehensive"},
+}
+
+
+def _job(tmp: Path, model: Path, subjects_root: Path, name: str, n: int = 1, **sections) -> Path:
+    subjects = [subject_entry(subjects_root, i) for i in range(n)]
+    return write_job(tmp / f"{name}.yaml", job_dict(model, subjects, tmp / "out", name=name, **sections))
+
+
+def _subject(out: Path, name: str, sid: str = "s0") -> Path:
+    return out / name / "subjects" / sid
+
+
+def _adapter(out: Path, name: str, sid: str = "s0", part: str = "transformer") -> dict[str, torch.Tensor]:
+    from training.export import read_peft_weights
+
+    return read_peft_weights(_subject(out, name, sid) / "adapter" / part / "adapter_model.safetensors")
+
+
+# ------------------------------------------------------------------ detection, refusals, objective
+
+
+def test_flux_is_detected_from_its_files(tiny_flux, tmp_path):
+    from launcher.validate import model_family
+
+    assert model_family(str(tiny_flux)) == ("flux", [])
+    # no model_index.json: the transformer's class tells
+    copy = tmp_path / "no-index"
+    shutil.copytree(tiny_flux, copy)
+    (copy / "model_index.json").unlink()
+    assert model_family(str(copy)) == ("flux", [])
+    shutil.rmtree(copy / "text_encoder_2")
+    family, problems = model_family(str(copy))
+    assert family == "flux" and "lacks the component subfolder(s) text_encoder_2" in problems[0]
+
+
+def _validate(tmp_path, model, subjects_root, **sections):
+    job = write_job(tmp_path / "job.yaml", job_dict(model, [subject_entry(subjects_root, 0)], tmp_path / "out",
+                                                    **sections))
+    return run_cli("validate", str(job))
+
+
+def test_flux_refuses_a_t5_adapter_and_a_kohya_file_at_validate(tiny_flux, tmp_path, subjects_root):
+    proc = _validate(tmp_path, tiny_flux, subjects_root,
+                     adapter={"type": "lora", "text_encoder_2": {"rank": 4}}, output={"formats": ["peft", "kohya"]})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "adapter.text_encoder_2: Flux's T5 encoder stays frozen" in proc.stderr
+    assert "output.formats: the kohya/ComfyUI single file is not written for Flux yet" in proc.stderr
+    ok = _validate(tmp_path, tiny_flux, subjects_root, adapter={"type": "lora", "text_encoder": {"rank": 4}})
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_packing_and_ids_are_the_flux_pipelines():
+    from diffusers import FluxPipeline
+
+    from training.families import flux
+
+    x = torch.randn(2, 16, 6, 8)
+    tokens = flux.pack(x)
+    assert torch.equal(tokens, FluxPipeline._pack_latents(x, 2, 16, 6, 8))
+    assert torch.equal(flux.unpack(tokens, 6, 8), x)
+    assert torch.equal(flux.image_ids(6, 8, "cpu", torch.float32),
+                       FluxPipeline._prepare_latent_image_ids(2, 3, 4, "cpu", torch.float32))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_training_times_come_from_the_schedulers_table(dynamic):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from launcher.config import TrainConfig
+    from training.families import flux
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic)
+    table = flux.training_sigmas(scheduler.config)
+    torch.testing.assert_close(table, scheduler.sigmas.float())  # the fresh scheduler's own table
+    torch.testing.assert_close(table * 1000, scheduler.timesteps.float())
+    uniform = flux.FAMILY.configure(TrainConfig())
+    t = uniform.draw_timesteps(scheduler, 4096, torch.Generator().manual_seed(0))
+    assert t.shape == (4096,) and torch.isin(t, table * 1000).all()
+    logit = flux.FAMILY.configure(TrainConfig(weighting_scheme="logit_normal", logit_std=0.5))
+    s = logit.draw_timesteps(scheduler, 4096, torch.Generator().manual_seed(0)) / 1000
+    # logit-normal with a small std concentrates around the middle of the (shifted) table
+    middle = table[len(table) // 2].item()
+    assert ((s - middle).abs() < 0.25).float().mean() > ((t / 1000 - middle).abs() < 0.25).float().mean()
+    latents, noise = torch.randn(4, 16, 4, 4), torch.randn(4, 16, 4, 4)
+    times = torch.tensor([0.0, 250.0, 500.0, 1000.0])
+    noisy, target = uniform.noisy_and_target(scheduler, latents, noise, times)
+    torch.testing.assert_close(noisy[2], 0.5 * latents[2] + 0.5 * noise[2])
+    torch.testing.assert_close(noisy[0], latents[0])
+    torch.testing.assert_close(target, noise - latents)
+
+
+def test_flux_presets_adapt_the_transformers_modules(tiny_flux):
+    from diffusers import FluxTransformer2DModel
+
+    from training.families import flux
+
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")
+    names = [n for n, _ in model.named_modules()]
+    for preset, targets in flux.TRANSFORMER_TARGETS.items():
+        for target in targets:
+            assert any(n == target or n.endswith("." + target) for n in names), f"{preset}: {target}"
+    singles = [n for n in names if n.startswith("single_transformer_blocks.0.")]
+    assert "single_transformer_blocks.0.proj_mlp" in singles and "single_transformer_blocks.0.attn.to_q" in singles
+
+
+def test_latents_are_shifted_then_scaled():
+    from training.data import LatentCache
+
+    mean, std = torch.randn(2, 16, 4, 4), torch.zeros(2, 16, 4, 4)
+    crops = torch.zeros(2, 6)
+    index = torch.tensor([0, 1])
+    flux_cache = LatentCache(mean, std, 0.3611, crops, 0.1159)
+    torch.testing.assert_close(flux_cache.sample(index, torch.Generator()), (mean - 0.1159) * 0.3611)
+    sd_cache = LatentCache(mean, std, 0.18215, crops)
+    assert torch.equal(sd_cache.sample(index, torch.Generator()), mean * 0.18215)
+
+
+# ------------------------------------------------------------------ through the real worker
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_flux, subjects_root):
+    """One subject per adapter kind on the transformer, and LoRA with a CLIP adapter (with prior
+    preservation and samples from the Flux pipeline), through the real worker."""
+    tmp = tmp_path_factory.mktemp("flux")
+    done = {}
+    plan = {**ADAPTERS, "lora-te": {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}}
+    for name, adapter in plan.items():
+        extra = {}
+        if name == "lora-te":
+            extra = {"prior": {"enabled": True, "num_class_images": 2, "sample_steps": 2},
+                     "train": {"samples": {"enabled": True, "prompts": ["{instance}"], "num_inference_steps": 2},
+                               "weighting_scheme": "logit_normal"}}
+        proc = run_worker(_job(tmp, tiny_flux, subjects_root, name, adapter=adapter, **extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        done[name] = (_subject(tmp / "out", name), proc.stderr)
+    return done
+
+
+@pytest.mark.parametrize("name", ["lora", "loha", "lokr", "lora-te"])
+def test_each_adapter_trains_flux_and_writes_the_contract(runs, name):
+    folder, stderr = runs[name]
+    assert "loaded a flux model" in stderr
+    status = json.loads((folder / "status.json").read_text())
+    assert status["state"] == "done" and status["step"] == 4
+    parts = {p.name for p in (folder / "adapter").iterdir()}
+    assert parts == ({"transformer", "text_encoder"} if name == "lora-te" else {"transformer"})
+    assert (folder / "pytorch_lora_weights.safetensors").exists() == name.startswith("lora")
+    assert not (folder / "s0.safetensors").exists() and "no kohya/ComfyUI file for a flux adapter" in stderr
+    from training.export import read_peft_weights
+
+    trained = read_peft_weights(folder / "adapter" / "transformer" / "adapter_model.safetensors")
+    moved = [v for k, v in trained.items() if any(m in k for m in ("lora_B", "hada_w2_a", "lokr_w2"))]
+    assert moved and all(torch.isfinite(v).all() for v in moved) and any(v.abs().max() > 0 for v in moved)
+    # the single blocks' MLP and the text stream's attention were adapted
+    assert any("single_transformer_blocks.0.proj_mlp" in k for k in trained)
+    assert any("attn.add_q_proj" in k for k in trained)
+
+
+def test_flux_priors_and_samples_come_from_the_flux_pipeline(runs):
+    from PIL import Image
+
+    folder, stderr = runs["lora-te"]
+    assert "generating 2 class images" in stderr
+    samples = sorted((folder / "samples").glob("*.png"))
+    assert len(samples) == 1 and Image.open(samples[0]).size == (32, 32)
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(0)
+    return {"hidden_states": torch.randn(1, 16, 64, generator=gen), "timestep": torch.tensor([0.6]),
+            "guidance": torch.tensor([3.5]), "pooled_projections": torch.randn(1, 32, generator=gen),
+            "encoder_hidden_states": torch.randn(1, 32, 32, generator=gen), "txt_ids": torch.zeros(32, 3),
+            "img_ids": torch.rand(16, 3, generator=gen) * 4}
+
+
+@torch.no_grad()
+def _outputs(transformer, text_encoder) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, 200, (1, 77), generator=torch.Generator().manual_seed(1))
+    return {"transformer": transformer(**_inputs(), return_dict=False)[0],
+            "text_encoder": text_encoder(ids).pooler_output}
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("name", ["lora-te", "loha"])
+def test_peft_and_diffusers_loaders_reproduce_our_flux_adapter(runs, tiny_flux, name):
+    """PeftModel.from_pretrained on our folders equals our own adapted parts; for LoRA,
+    FluxPipeline.load_lora_weights on our diffusers file equals both."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    from launcher.config import load_job
+    from training import adapters, families
+
+    folder, _ = runs[name]
+    job = load_job(folder.parent.parent / "job.yaml")
+    family = families.get("flux")
+    ours = {"transformer": FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer"),
+            "text_encoder": CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder")}
+    for part, spec in adapters.specs(job.adapter, family).items():
+        adapters.attach(ours[part], spec, family.targets(part), part)
+        adapters.load_adapter_state_dict(ours[part], _adapter(folder.parent.parent.parent, job.name, part=part))
+    expected = _outputs(ours["transformer"].eval(), ours["text_encoder"].eval())
+
+    peft = {part: PeftModel.from_pretrained(model, str(folder / "adapter" / part)).eval() if (
+        folder / "adapter" / part).is_dir() else model for part, model in (
+        ("transformer", FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer")),
+        ("text_encoder", CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder")))}
+    got = _outputs(peft["transformer"], peft["text_encoder"])
+    for part in expected:
+        torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=1e-3, msg=f"peft: {part}")
+    if not name.startswith("lora"):
+        return
+    pipe = FluxPipeline.from_pretrained(tiny_flux)
+    base = _outputs(pipe.transformer, pipe.text_encoder)
+    pipe.load_lora_weights(str(folder / "pytorch_lora_weights.safetensors"))
+    loaded = _outputs(pipe.transformer, pipe.text_encoder)
+    for part in expected:
+        assert not torch.allclose(base[part], expected[part], atol=ATOL), f"{part}: the adapter changes nothing"
+        torch.testing.assert_close(loaded[part], expected[part], atol=ATOL, rtol=1e-3, msg=f"diffusers: {part}")
+
+
+def test_flux_pack_of_two_equals_two_single_runs(tmp_path, tiny_flux, subjects_root):
+    lora = {"type": "lora", "rank": 4, "targets": "comprehensive"}
+    for name, pack in (("alone", 1), ("packed", 2)):
+        job = _job(tmp_path, tiny_flux, subjects_root, name, n=2, adapter=lora, train={"pack": pack, "eps": 1e-3})
+        proc = run_worker(job)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "packed slot 1" in proc.stderr
+    for sid in ("s0", "s1"):
+        a, b = _adapter(tmp_path / "out", "alone", sid), _adapter(tmp_path / "out", "packed", sid)
+        assert a.keys() == b.keys()
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < ATOL, sid
+
+
+def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, subjects_root, monkeypatch):
+    """Stopped at step 3 of 6 (a checkpoint, as on SIGUSR1), then resumed by a fresh worker:
+    equal to a straight run, for the transformer and the CLIP adapter."""
+    from launcher.config import load_job
+    from training import loop
+    from training.env import Preemption, WorkerEnv
+    from training.runner import Worker
+
+    adapter = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
+    train = {"steps": 6, "lr_scheduler": "cosine", "warmup_steps": 2, "weighting_scheme": "logit_normal"}
+
+    def run(name: str, preemption: Preemption):
+        job = load_job(_job(tmp_path, tiny_flux, subjects_root, name, adapter=adapter, train=train))
+        return Worker(job, WorkerEnv(), preemption, torch.device("cpu"), "test").run(list(job.subjects))
+
+    assert [o.state for o in run("straight", Preemption())] == ["done"]
+    stop = Preemption()
+    real_step, steps = loop.Stepper.step, []
+
+    def counting(self):
+        steps.append(1)
+        if len(steps) == 3:
+            stop.trigger()
+        return real_step(self)
+
+    monkeypatch.setattr(loop.Stepper, "step", counting)
+    assert [o.state for o in run("resumed", stop)] == ["preempted"]
+    monkeypatch.setattr(loop.Stepper, "step", real_step)
+    assert [o.state for o in run("resumed", Preemption())] == ["done"]
+    for part in ("transformer", "text_encoder"):
+        a, b = _adapter(tmp_path / "out", "straight", part=part), _adapter(tmp_path / "out", "resumed", part=part)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, part
+
+
+@torch.no_grad()
+def test_the_jobs_guidance_reaches_a_guidance_distilled_transformer(tiny_flux):
+    from diffusers import FluxTransformer2DModel
+
+    from launcher.config import ModelConfig, TrainConfig
+    from training import families
+
+    family = families.for_model(ModelConfig(source=str(tiny_flux)), tiny_flux, TrainConfig(guidance=1.0))
+    assert family.name == "flux" and family.guidance == 1.0
+    model = FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer").eval()
+    gen = torch.Generator().manual_seed(0)
+    noisy, t = torch.randn(1, 16, 8, 8, generator=gen), torch.tensor([600.0])
+    cond = {"encoder_hidden_states": torch.randn(1, 32, 32, generator=gen),
+            "pooled_projections": torch.randn(1, 32, generator=gen)}
+    low = family.predict(model, noisy, t, cond)
+    high = family.configure(TrainConfig(guidance=5.0)).predict(model, noisy, t, cond)
+    assert low.shape == noisy.shape and not torch.allclose(low, high)
+    # what the pipeline computes for the same packed input (timestep / 1000, guidance, ids)
+    from training.families.flux import image_ids, pack, unpack
+
+    direct = model(hidden_states=pack(noisy), timestep=t / 1000, guidance=torch.tensor([1.0]),
+                   txt_ids=torch.zeros(32, 3), img_ids=image_ids(8, 8, "cpu", torch.float32), return_dict=False,
+                   **cond)[0]
+    torch.testing.assert_close(unpack(direct, 8, 8), low)
