@@ -93,15 +93,17 @@ def _param_count(folder: Path, variant: str | None) -> int | None:
 
 
 def model_footprint(model_dir: Path, frozen: torch.dtype, variant: str | None = None) -> Footprint | None:
-    """The loaded base's device bytes (UNet fp32, VAE and text encoders in `frozen`, as
+    """The loaded base's device bytes (the denoiser fp32, VAE and text encoders in `frozen`, as
     training.components loads them), from the parameter counts in the safetensors headers.
     None where a component has no safetensors file (then the caller assumes SD 1.5)."""
-    frozen_parts = ["vae", "text_encoder"] + (["text_encoder_2"] if (Path(model_dir) / "text_encoder_2").is_dir() else [])
-    counts = {name: _param_count(Path(model_dir) / name, variant) for name in ["unet", *frozen_parts]}
+    model_dir = Path(model_dir)
+    denoiser = "transformer" if (model_dir / "transformer").is_dir() else "unet"  # a DiT family's, else the UNet
+    frozen_parts = ["vae", "text_encoder"] + (["text_encoder_2"] if (model_dir / "text_encoder_2").is_dir() else [])
+    counts = {name: _param_count(model_dir / name, variant) for name in [denoiser, *frozen_parts]}
     if any(n is None for n in counts.values()):
         return None
     frozen_size = torch.empty((), dtype=frozen).element_size()
-    return Footprint(counts["unet"] * 4 + sum(counts[n] for n in frozen_parts) * frozen_size, counts["unet"])
+    return Footprint(counts[denoiser] * 4 + sum(counts[n] for n in frozen_parts) * frozen_size, counts[denoiser])
 
 
 def footprint_of(model, device: torch.device) -> Footprint:
