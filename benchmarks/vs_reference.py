@@ -1,11 +1,14 @@
-"""dreamfleet vs a reference DreamBooth LoRA script (diffusers' examples/dreambooth/train_dreambooth_lora.py),
-same model, images, resolution, batch, rank, targets, steps and seed, in one run on one machine.
+"""dreamfleet vs a reference DreamBooth LoRA script (diffusers' examples/dreambooth/train_dreambooth_lora.py,
+or train_dreambooth_lora_sdxl.py with --family sdxl), same model, images, resolution, batch, rank,
+targets, optimizer, steps and seed, in one run on one machine.
 
     python benchmarks/vs_reference.py --reference-script PATH [--python .venv-bench/bin/python]
-        [--model tiny|sd15] [--resolution 64] [--steps 40 200] [--reps 3] [--out DIR]
-        [--set train.compile=true] [--batch-set train.pack=4]
+        [--family sd|sdxl] [--model tiny|sd15|sdxl] [--resolution 64] [--steps 40 200] [--reps 3]
+        [--out DIR] [--set train.compile=true] [--batch-set train.pack=4]
 
-The reference script is not shipped: point to your copy. Both trainers run as fresh processes
+The reference script is not shipped: point to your copy (the one that matches --family).
+--model tiny is the family's tiny random-weight model (`training.tiny model DIR [--family sdxl]`);
+sd15 and sdxl are random weights at the real layer sizes (for GPU runs). Both trainers run as fresh processes
 with the same Python (so the same torch), runs interleave (both short runs, then both long
 ones; repetitions alternate which trainer goes first), and:
 
@@ -19,6 +22,8 @@ ones; repetitions alternate which trainer goes first), and:
   `--batch-set` only its K-subject job (e.g. train.pack=4: the K subjects packed in one batch);
   the settings that must match the reference (data, batch, rank, steps, seed, precision) are
   not meant to be changed this way;
+- with --family sdxl dreamfleet's job sets train.attention=sdpa (PyTorch's attention, as the
+  reference runs it; no CPU kernel of ours), so that a CPU figure says something about the GPU;
 - peak RSS is the child's own ru_maxrss (os.wait4); on GPU, peak GPU memory is polled from
   nvidia-smi for the child's pid.
 
@@ -40,15 +45,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # the reference's UNet LoRA targets
+TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # both references' UNet LoRA targets
+WEIGHT_DECAY = 1e-2  # dreamfleet's AdamW default; the SDXL reference's own default is 1e-4, so it is passed
+# model choice -> the `python -m training.tiny` arguments that build it, per family
+BUILDERS = {("sd", "tiny"): ["model"], ("sd", "sd15"): ["sd15"],
+            ("sdxl", "tiny"): ["model", "--family", "sdxl"], ("sdxl", "sdxl"): ["sdxl"]}
 
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
-    model, images = work / f"model-{args.model}", work / "images-0"
+    model, images = work / f"model-{args.family}-{args.model}", work / "images-0"
     if not (model / "model_index.json").exists():
-        kind = "model" if args.model == "tiny" else "sd15"
-        subprocess.run([args.python, "-m", "training.tiny", kind, str(model)], check=True, cwd=REPO,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run([args.python, "-m", "training.tiny", *BUILDERS[args.family, args.model], str(model)],
+                       check=True, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for path in sorted(model.rglob("*")):  # warm the page cache: no trainer pays a cold first read of the weights
         if path.is_file():
             with open(path, "rb") as f:
@@ -69,12 +77,15 @@ def ours_command(args, model: Path, images: Path, steps: int, out: Path, subject
         "name": "bench", "model": {"source": str(model)},
         "adapter": {"type": "lora", "rank": args.rank, "targets": TARGETS},
         "train": {"steps": steps, "batch_size": 1, "resolution": args.resolution, "learning_rate": 1e-4,
-                  "optimizer": "adamw", "lr_scheduler": "constant", "seed": 0, "log_every": max(1, steps // 10),
-                  "mixed_precision": args.mixed_precision, "samples": {"enabled": False}},
+                  "optimizer": "adamw", "weight_decay": WEIGHT_DECAY, "lr_scheduler": "constant", "seed": 0,
+                  "log_every": max(1, steps // 10), "mixed_precision": args.mixed_precision,
+                  "samples": {"enabled": False}},
         "subjects": [{"id": f"bench-{i}", "images": str(images.parent / f"images-{i}"), "instance_prompt": "a photo of sks thing"}
                      for i in range(subjects)],
         "output": {"uri": str(out)},
     }
+    if args.family == "sdxl":
+        job["train"]["attention"] = "sdpa"  # the issue's condition for the SDXL figure; --set may still change it
     for setting in args.set + (args.batch_set if subjects > 1 else []):
         _set(job, setting)
     job_file = out.parent / f"{out.name}.yaml"
@@ -96,13 +107,20 @@ def _set(job: dict, setting: str) -> None:
 
 
 def reference_command(args, model: Path, images: Path, steps: int, out: Path) -> list[str]:
-    return [args.python, str(args.reference_script),
-            f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={images}",
-            "--instance_prompt=a photo of sks thing", f"--output_dir={out}", f"--resolution={args.resolution}",
-            "--train_batch_size=1", f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant",
-            "--lr_warmup_steps=0", "--seed=0", f"--rank={args.rank}", f"--mixed_precision={args.mixed_precision_ref}",
-            "--checkpointing_steps=1000000", "--pre_compute_text_embeddings", "--report_to=tensorboard",
-            "--dataloader_num_workers=0", "--center_crop"]
+    """The reference's flags for the same run. Both scripts target to_k/to_q/to_v/to_out.0 and train
+    no text encoder unless told; the SD one encodes the prompt once only with
+    --pre_compute_text_embeddings, the SDXL one always does when one prompt serves every image
+    (it has no such flag, and no latent cache: its VAE encodes every step)."""
+    cmd = [args.python, str(args.reference_script),
+           f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={images}",
+           "--instance_prompt=a photo of sks thing", f"--output_dir={out}", f"--resolution={args.resolution}",
+           "--train_batch_size=1", f"--max_train_steps={steps}", "--learning_rate=1e-4", "--lr_scheduler=constant",
+           "--lr_warmup_steps=0", "--seed=0", f"--rank={args.rank}", f"--mixed_precision={args.mixed_precision_ref}",
+           f"--adam_weight_decay={WEIGHT_DECAY}", "--checkpointing_steps=1000000", "--report_to=tensorboard",
+           "--dataloader_num_workers=0", "--center_crop"]
+    if args.family == "sd":
+        cmd.append("--pre_compute_text_embeddings")
+    return cmd
 
 
 class GpuPoller(threading.Thread):
@@ -211,11 +229,15 @@ def summarize(args, samples: dict[str, list[dict]]) -> dict:
     return result
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's options, checked (a model of the wrong family, a missing reference script)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-script", type=Path, required=True)
     parser.add_argument("--python", default=sys.executable, help="interpreter both trainers run with (one torch)")
-    parser.add_argument("--model", choices=["tiny", "sd15"], default="tiny", help="tiny, or SD 1.5-shaped random weights")
+    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd",
+                        help="sd: against train_dreambooth_lora.py; sdxl: against train_dreambooth_lora_sdxl.py")
+    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny",
+                        help="the family's tiny model, or random weights at SD 1.5's (sd) or SDXL's (sdxl) sizes")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--steps", type=int, nargs=2, default=[40, 200], metavar=("SHORT", "LONG"))
@@ -226,11 +248,18 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="dreamfleet job setting, every run")
     parser.add_argument("--batch-set", action="append", default=[], metavar="KEY=VALUE",
                         help="dreamfleet job setting for the K-subject job only (e.g. train.pack=4)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.mixed_precision_ref = args.mixed_precision
+    if (args.family, args.model) not in BUILDERS:
+        raise SystemExit(f"--model {args.model} is not a {args.family} model; with --family {args.family} use one of "
+                         + ", ".join(m for f, m in BUILDERS if f == args.family))
     if not args.reference_script.exists():
         raise SystemExit(f"--reference-script {args.reference_script} does not exist")
-    run(args)
+    return args
+
+
+def main() -> None:
+    run(parse_args())
 
 
 if __name__ == "__main__":

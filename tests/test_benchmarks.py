@@ -7,11 +7,15 @@ They measure nothing here; the figures are for benchmarks/RESULTS.md from a GPU 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 
+import pytest
+import yaml
 from conftest import REPO, require_binary, worker_env
+from safetensors import safe_open
 
 
 def _json_lines(stdout: str) -> list[dict]:
@@ -53,3 +57,52 @@ def test_cpu_attention_benchmark_times_the_kernel_against_sdpa():
     assert [(r["batch"], r["heads"], r["head_dim"]) for r in rows] == [(1, 8, 4)], rows
     assert rows[0]["kernel_ms"] > 0 and rows[0]["sdpa_ms"] > 0
     assert "| 1, 8, 4, 64, 64 | smoke |" in proc.stdout
+
+
+def _vs_reference():
+    spec = importlib.util.spec_from_file_location("vs_reference", REPO / "benchmarks" / "vs_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_vs_reference_sdxl_matches_the_reference_flags_and_runs_dreamfleets_packed_job(tmp_path, capsys):
+    vr = _vs_reference()
+    script = tmp_path / "train_dreambooth_lora_sdxl.py"  # the user's copy stands here; it is not run
+    script.write_text("")
+    with pytest.raises(SystemExit, match="--model sd15 is not a sdxl model; with --family sdxl use one of tiny, sdxl"):
+        vr.parse_args(["--reference-script", str(script), "--family", "sdxl", "--model", "sd15"])
+    args = vr.parse_args(["--reference-script", str(script), "--python", sys.executable, "--family", "sdxl",
+                          "--resolution", "32", "--subjects", "2", "--batch-set", "train.pack=2", "--out", str(tmp_path)])
+    model, images = vr.prepare(args, tmp_path)
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    assert (model / "text_encoder_2").is_dir() and len(list(images.parent.glob("images-*"))) == 2
+
+    ref = vr.reference_command(args, model, images, 7, tmp_path / "ref")
+    assert ref[:2] == [sys.executable, str(script)]
+    for flag in (f"--pretrained_model_name_or_path={model}", f"--instance_data_dir={images}", "--resolution=32",
+                 "--train_batch_size=1", "--max_train_steps=7", "--rank=4", "--learning_rate=1e-4", "--seed=0",
+                 "--mixed_precision=no", f"--adam_weight_decay={vr.WEIGHT_DECAY}", "--instance_prompt=a photo of sks thing"):
+        assert flag in ref, (flag, ref)
+    # the SDXL script has no --pre_compute_text_embeddings (it encodes a shared prompt once by itself);
+    # given it, its argparse would exit: the SD script takes it
+    assert "--pre_compute_text_embeddings" not in ref
+    sd_args = vr.parse_args(["--reference-script", str(script), "--out", str(tmp_path)])
+    assert "--pre_compute_text_embeddings" in vr.reference_command(sd_args, model, images, 7, tmp_path / "ref")
+
+    out = tmp_path / "dreamfleet-x2"
+    cmd = vr.ours_command(args, model, images, 2, out, subjects=2)
+    job = yaml.safe_load((tmp_path / "dreamfleet-x2.yaml").read_text())
+    assert job["train"]["attention"] == "sdpa" and job["train"]["pack"] == 2, job["train"]
+    assert job["train"]["weight_decay"] == vr.WEIGHT_DECAY and job["adapter"]["targets"] == vr.TARGETS
+    timing = vr.timed(cmd, tmp_path / "dreamfleet-x2.log", gpu=False)
+    assert timing["wall_s"] > 0 and timing["rss_mib"] > 100, timing
+    assert "loaded a sdxl model" in (tmp_path / "dreamfleet-x2.log").read_text()
+    for i in range(2):
+        subject = out / "bench" / "subjects" / f"bench-{i}"
+        assert json.loads((subject / "status.json").read_text())["state"] == "done"
+        with safe_open(str(subject / "pytorch_lora_weights.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        # the same adapter as the reference's: UNet LoRA only, on the four attention projections
+        assert keys and all(k.startswith("unet.") for k in keys), keys[:5]
+        assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"to_k", "to_q", "to_v", "0"}, keys[:5]
