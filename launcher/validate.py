@@ -34,9 +34,19 @@ def model_family(source: str, override: str = "auto") -> tuple[str | None, list[
     return family, [f"model.source: {storage.redact(source)} {p}" for p in families.check(family, present, unet)]
 
 
-def check_model(job: JobConfig) -> list[str]:
-    """The model's layout, and what the job asks of it that its family does not have."""
+def check_model(job: JobConfig, remote: bool = True) -> list[str]:
+    """The model's layout, and what the job asks of it that its family does not have.
+    remote=False leaves a remote model unread (a worker: it stages the model and checks the
+    staged copy, so a fleet does not read the configs once per worker)."""
+    if not remote and "://" in job.model.source:
+        return []
     family, problems = model_family(job.model.source, job.model.family)
+    return problems + family_problems(job, family)
+
+
+def family_problems(job: JobConfig, family: str | None) -> list[str]:
+    """What the job asks of a model of `family` (None: not known yet) that the family does not have."""
+    problems = []
     if job.adapter.text_encoder_2 is not None and family == "flux":
         problems.append("adapter.text_encoder_2: Flux's T5 encoder stays frozen (as in diffusers' reference "
                         "trainer); adapt the CLIP encoder with adapter.text_encoder")

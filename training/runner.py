@@ -44,6 +44,11 @@ class Worker:
             fingerprint.check(job)  # a job file run by hand with changed settings stops here (exit 2)
             storage.write_text(storage.join(self.job_uri, "job.yaml"), dump_job(job))
         self.c = load_components(job.model, self.device, job.train)
+        from launcher.errors import ConfigError
+        from launcher.validate import family_problems
+
+        if problems := family_problems(job, self.c.family.name):  # a remote model is checked once staged
+            raise ConfigError(f"model {storage.redact(job.model.source)} is a {self.c.family.name} model", problems)
         self.specs = adapters.specs(job.adapter, self.c.family)
         self.train_te = len(self.specs) > 1
         cpu_attention.install(self.c.denoiser, "sdpa" if job.train.compile else job.train.attention)

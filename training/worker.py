@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.validate import check_model, unsupported
 
         # the launcher says so first; a hand-made job file, or a pod whose model went missing, meets it here
-        if problems := unsupported(job) + check_model(job):
+        if problems := unsupported(job) + check_model(job, remote=False):
             raise ConfigError(f"{args.job} cannot run", problems)
         plan = _load_plan(args.plan, args.job)
         if plan is not None and env.rank == 0 and env.shard_index == 0:
