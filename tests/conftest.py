@@ -177,3 +177,19 @@ def tiny_flux(tmp_path_factory) -> Path:
     from training.tiny import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+def preempt_at_step(monkeypatch, preemption, n: int) -> None:
+    """Trigger `preemption` (as SIGUSR1 would) at the n-th optimizer step of the in-process loops;
+    `monkeypatch.undo()` ends it."""
+    from training import loop
+
+    real_step, steps = loop.Stepper.step, []
+
+    def counting(self):
+        steps.append(1)
+        if len(steps) == n:
+            preemption.trigger()
+        return real_step(self)
+
+    monkeypatch.setattr(loop.Stepper, "step", counting)

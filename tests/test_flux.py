@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import job_dict, run_cli, run_worker, subject_entry, write_job
+from conftest import job_dict, preempt_at_step, run_cli, run_worker, subject_entry, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -262,7 +262,6 @@ def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, 
     """Stopped at step 3 of 6 (a checkpoint, as on SIGUSR1), then resumed by a fresh worker:
     equal to a straight run, for the transformer and the CLIP adapter."""
     from launcher.config import load_job
-    from training import loop
     from training.env import Preemption, WorkerEnv
     from training.runner import Worker
 
@@ -275,17 +274,9 @@ def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, 
 
     assert [o.state for o in run("straight", Preemption())] == ["done"]
     stop = Preemption()
-    real_step, steps = loop.Stepper.step, []
-
-    def counting(self):
-        steps.append(1)
-        if len(steps) == 3:
-            stop.trigger()
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Stepper, "step", counting)
+    preempt_at_step(monkeypatch, stop, 3)
     assert [o.state for o in run("resumed", stop)] == ["preempted"]
-    monkeypatch.setattr(loop.Stepper, "step", real_step)
+    monkeypatch.undo()
     assert [o.state for o in run("resumed", Preemption())] == ["done"]
     for part in ("transformer", "text_encoder"):
         a, b = _adapter(tmp_path / "out", "straight", part=part), _adapter(tmp_path / "out", "resumed", part=part)

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import job_dict, run_worker, subject_entry, write_job
+from conftest import job_dict, preempt_at_step, run_worker, subject_entry, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -222,7 +222,6 @@ def test_sdxl_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_sdxl, 
     """Stopped at step 3 of 8 (checkpoint, as on SIGUSR1), then resumed by a fresh worker: equal
     to a straight run, for the UNet and both text encoders."""
     from launcher.config import load_job
-    from training import loop
     from training.env import Preemption, WorkerEnv
     from training.runner import Worker
 
@@ -235,17 +234,9 @@ def test_sdxl_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_sdxl, 
 
     assert [o.state for o in run("straight", Preemption())] == ["done"]
     stop = Preemption()
-    real_step, steps = loop.Stepper.step, []
-
-    def counting(self):
-        steps.append(1)
-        if len(steps) == 3:
-            stop.trigger()
-        return real_step(self)
-
-    monkeypatch.setattr(loop.Stepper, "step", counting)
+    preempt_at_step(monkeypatch, stop, 3)
     assert [o.state for o in run("resumed", stop)] == ["preempted"]
-    monkeypatch.setattr(loop.Stepper, "step", real_step)
+    monkeypatch.undo()
     assert not (_subject(tmp_path / "out", "resumed") / "MANIFEST.json").exists()
     assert [o.state for o in run("resumed", Preemption())] == ["done"]
     for part in ("unet", *TE_PARTS):
