@@ -166,3 +166,29 @@ def test_kill_during_checkpoint_upload_resumes_from_the_last_complete_one(tmp_pa
     a = load_file(tmp_path / "straight" / "t" / "subjects" / "s0" / "adapter" / "unet" / "adapter_model.safetensors")
     b = load_file(local)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_status_report_and_retry_read_and_write_the_ledger_in_the_bucket(tmp_path, store):
+    """`launcher status`, `report` and `retry-failed` given a job's output URI on each store."""
+    from launcher import ledger
+    from launcher.ledger import SubjectStatus
+
+    from conftest import run_cli
+
+    job_uri = f"{store['uri']}/out/fleet"
+    for i, state in enumerate(["done", "done", "failed"]):
+        ledger.write_status(job_uri, SubjectStatus(id=f"c-{i}", state=state, steps=10, step=10 if state == "done" else 3,
+                                                   attempts=3 if state == "failed" else 1,
+                                                   error="bad image" if state == "failed" else None,
+                                                   started_at=1000.0 + i, finished_at=2000.0 + i if state == "done" else None))
+    status = run_cli("status", job_uri, env=store["env"])
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "3 subjects: pending 0, running 0, done 2, failed 1" in status.stdout and "bad image" in status.stdout
+    report = run_cli("report", job_uri, "--out", str(tmp_path / "report.html"), env=store["env"])
+    assert report.returncode == 0, report.stderr[-3000:]
+    page = (tmp_path / "report.html").read_text()
+    assert all(f"id='subject-c-{i}'" in page for i in range(3)) and "bad image" in page
+    retry = run_cli("retry-failed", job_uri, env=store["env"])
+    assert retry.returncode == 0 and "reset 1 failed subject(s): c-2" in retry.stdout, retry.stderr[-3000:]
+    after = {s.id: s for s in ledger.list_statuses(job_uri)}
+    assert after["c-2"].state != "failed" and after["c-0"].state == "done"
