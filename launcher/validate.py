@@ -9,12 +9,18 @@ from launcher.config import JobConfig
 from launcher.errors import StorageError
 from launcher.subjects import check_subjects, resolve_subjects
 
+HUB_FAMILY = ("model.source: {source} is a Hub repo id, whose files are read only when a worker downloads it: "
+              "name its family with model.family (sd, sdxl or flux)")
+
+
 def model_family(source: str, override: str = "auto") -> tuple[str | None, list[str]]:
     """(family, problems) of the model at source: the family from its files (launcher.families),
     or the override. A Hub repo id is not read here (the worker detects it after the download)."""
     if "://" not in source and not storage.local_path(source).exists():
         if source.count("/") == 1 and not source.startswith((".", "/")):
-            return (None if override == "auto" else override), []  # a Hub repo id; checked when it is downloaded
+            if override == "auto":
+                return None, [HUB_FAMILY.format(source=source)]
+            return override, []  # a Hub repo id of a named family; its layout is checked when it is downloaded
         return None, [f"model.source: {source} does not exist"]
     if "://" not in source and storage.local_path(source).is_file():
         return None, [f"model.source: {source} is a file; name the model's folder (the diffusers layout: "

@@ -127,3 +127,19 @@ def test_sdxl_vae_stays_fp32_where_the_frozen_parts_are_fp16_unless_a_separate_v
     first = next(iter(theirs.state_dict()))
     torch.testing.assert_close(c.vae.state_dict()[first].float(), theirs.state_dict()[first].half().float())
     assert load_components(ModelConfig(source=str(tiny_sdxl), dtype="bf16"), torch.device("cpu")).vae.dtype == torch.bfloat16
+
+
+def test_a_hub_model_needs_its_family_named(tmp_path, subjects_root):
+    """A Hub repo id's files are read only when a worker downloads it: validate asks for model.family
+    instead of letting the worker guess, and a named family passes."""
+    hub = Path("some-org/some-model")
+    _user_error(_validate(tmp_path, hub, subjects_root), "is a Hub repo id", "name its family with model.family")
+    proc = _validate(tmp_path, hub, subjects_root, "model.family=sdxl")
+    assert proc.returncode == 0, proc.stderr
+    from launcher.config import ModelConfig
+    from launcher.errors import InputError
+    from training import families
+
+    with pytest.raises(InputError, match="name its family"):
+        families.for_model(ModelConfig(source=str(hub)), str(hub))
+    assert families.for_model(ModelConfig(source=str(hub), family="sdxl"), str(hub)).name == "sdxl"

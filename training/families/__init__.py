@@ -89,6 +89,12 @@ def for_model(cfg: ModelConfig | None, path: str | Path, train=None) -> Family:
     configured with the job's train settings where given."""
     path = Path(path)
     cfg = cfg or ModelConfig(source=str(path))
+    if not path.is_dir():  # a Hub repo id: from_pretrained downloads each part, so only model.family can say
+        if cfg.family == "auto":
+            from launcher.validate import HUB_FAMILY
+
+            raise InputError(HUB_FAMILY.format(source=cfg.source))
+        return get(cfg.family) if train is None else get(cfg.family).configure(train)
     present = {p.name for p in path.iterdir()} if path.is_dir() else set()
     model_index, unet = _json(path / "model_index.json"), _json(path / "unet" / "config.json")
     transformer = _json(path / "transformer" / "config.json")

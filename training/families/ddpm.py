@@ -21,3 +21,11 @@ def noisy_and_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     if kind == "epsilon":
         return noisy, noise
     raise ValueError(f"the model's scheduler predicts {kind!r}; training supports epsilon and v_prediction")
+
+
+def sampler(config):
+    """DDIM over the model's scheduler config, for class images and samples (PNDM, SD's default,
+    fails at very few steps)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(config)

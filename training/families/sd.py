@@ -33,6 +33,7 @@ class StableDiffusion:
     scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)
+    sampler = staticmethod(ddpm.sampler)
 
     def configure(self, train):
         return self  # reads no job setting
@@ -60,11 +61,6 @@ class StableDiffusion:
             unet=c.denoiser, vae=c.vae, text_encoder=c.text_encoders["text_encoder"],
             tokenizer=c.tokenizers["text_encoder"], scheduler=c.noise_scheduler,
             safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-
-    def sampler(self, config):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(config)  # PNDM fails at very few steps
 
     def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype:
         return frozen

@@ -28,6 +28,7 @@ class StableDiffusionXL:
     scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)
+    sampler = staticmethod(ddpm.sampler)
 
     def configure(self, train):
         return self  # reads no job setting
@@ -63,11 +64,6 @@ class StableDiffusionXL:
             vae=c.vae, text_encoder=c.text_encoders["text_encoder"], text_encoder_2=c.text_encoders["text_encoder_2"],
             tokenizer=c.tokenizers["text_encoder"], tokenizer_2=c.tokenizers["text_encoder_2"], unet=c.denoiser,
             scheduler=c.noise_scheduler, add_watermarker=False)
-
-    def sampler(self, config):
-        from diffusers import DDIMScheduler
-
-        return DDIMScheduler.from_config(config)  # PNDM fails at very few steps
 
     def vae_dtype(self, frozen: torch.dtype, separate_vae: bool) -> torch.dtype:
         return torch.float32 if frozen == torch.float16 and not separate_vae else frozen
