@@ -60,9 +60,20 @@ def family_problems(job: JobConfig, family: str | None) -> list[str]:
         problems.append(f"adapter.text_encoder_2: a {families.LAYOUTS[family].title} model has one text encoder; "
                         "use adapter.text_encoder")
     if family == "flux" and "kohya" in job.output.formats and "formats" in job.output.model_fields_set:
-        problems.append("output.formats: the kohya/ComfyUI single file is not written for Flux yet (docs/families.md); "
-                        "use peft and diffusers")
+        problems += _flux_kohya_problems(job.adapter)
     return problems
+
+
+def _flux_kohya_problems(adapter) -> list[str]:
+    """What keeps an adapter out of Flux's kohya/ComfyUI file (BFL's naming, with fused q/k/v)."""
+    if adapter.type != "lora":
+        return [f"output.formats: Flux's kohya/ComfyUI file holds LoRA only (adapter.type is {adapter.type}: no "
+                "agreed form for it on BFL's fused layers); use peft and diffusers"]
+    targets = [] if isinstance(adapter.targets, str) else adapter.targets
+    if outside := [t for t in targets if t not in families.FLUX_KOHYA_TARGETS]:
+        return [f"output.formats: adapter.targets {', '.join(outside)} have no place in Flux's kohya/ComfyUI file "
+                f"(BFL's naming takes {', '.join(families.FLUX_KOHYA_TARGETS)}); drop kohya or those targets"]
+    return []
 
 
 def notes_for(job: JobConfig) -> list[str]:

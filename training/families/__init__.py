@@ -20,7 +20,8 @@ A family says:
   for a DiT family);
 - `pipeline(components)` -> the inference pipeline for class images and samples, and
   `sampler(scheduler_config)` -> the scheduler it samples with;
-- `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes;
+- `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes
+  and `kohya_names` -> a part's own kohya module naming (Flux's BFL names);
 - `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another.
 
 `for_model(cfg, path, train)` picks the family from the model's files (launcher.families.detect) or
@@ -48,6 +49,9 @@ class Family(Protocol):
     tokenizer_classes: dict[str, str]  # text encoder part -> "library:Class" of its tokenizer
     scheduler: str  # "library:Class" of the training noise scheduler (scheduler/)
     kohya_prefix: dict[str, str]  # part -> kohya/A1111/ComfyUI key prefix
+    # part -> (write, read): the family's own kohya module naming, from and to the flattened paths
+    # kohya.to_kohya writes (Flux: BFL's, with fused layers); absent: the flattened paths themselves
+    kohya_names: dict[str, tuple]
 
     def configure(self, train) -> "Family": ...
 
@@ -109,10 +113,11 @@ def for_model(cfg: ModelConfig | None, path: str | Path, train=None) -> Family:
 
 def of_adapter(parts, metadata: dict[str, str]) -> str:
     """The family of an adapter read from a file or folder: its header's dreamfleet_family where
-    it has one, else what its parts show (a second text encoder is SDXL's)."""
+    it has one, else what its parts show (a transformer is Flux's, a second text encoder SDXL's)."""
     from training.export import FAMILY_METADATA
 
-    return metadata.get(FAMILY_METADATA) or ("sdxl" if "text_encoder_2" in parts else "sd")
+    shown = "flux" if "transformer" in parts else "sdxl" if "text_encoder_2" in parts else "sd"
+    return metadata.get(FAMILY_METADATA) or shown
 
 
 def _json(path: Path) -> dict | None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from training.families import sd
+from training.families import flux_kohya, sd
 
 TIMESTEP_SCALE = 1000.0  # FluxPipeline calls the transformer with timestep / 1000
 
@@ -78,9 +78,10 @@ class Flux:
     tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer", "text_encoder_2": "transformers:T5TokenizerFast"}
     scheduler = "diffusers:FlowMatchEulerDiscreteScheduler"
-    # no kohya/ComfyUI file yet: diffusers' Flux converter reads lora_unet_ keys only in BFL's own
-    # naming (double_blocks_N_img_attn_qkv: q, k, v fused), not flattened diffusers module names
-    kohya_prefix: dict[str, str] = {}
+    # ComfyUI, Forge and diffusers' Flux converter read lora_unet_ keys in BFL's own module naming
+    # (double_blocks_N_img_attn_qkv: q, k, v fused), not flattened diffusers paths: flux_kohya maps them
+    kohya_prefix = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    kohya_names = {"transformer": (flux_kohya.to_bfl, flux_kohya.from_bfl)}
 
     def __init__(self, guidance: float = 3.5, weighting_scheme: str = "none", logit_mean: float = 0.0,
                  logit_std: float = 1.0):

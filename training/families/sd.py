@@ -30,6 +30,7 @@ class StableDiffusion:
     tokenizers = {"text_encoder": "tokenizer"}
     tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer"}
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    kohya_names: dict = {}  # flattened module paths, as kohya.to_kohya writes them
     scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)
