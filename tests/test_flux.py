@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import family_runs
 from conftest import job_dict, preempt_at_step, run_cli, run_worker, subject_entry, write_job
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,14 @@ ADAPTERS = {
 def _job(tmp: Path, model: Path, subjects_root: Path, name: str, n: int = 1, **sections) -> Path:
     subjects = [subject_entry(subjects_root, i) for i in range(n)]
     return write_job(tmp / f"{name}.yaml", job_dict(model, subjects, tmp / "out", name=name, **sections))
+
+
+def _with_model(job: Path, **settings) -> Path:
+    """The job file with these model.* settings added."""
+    data = yaml.safe_load(job.read_text())
+    data["model"].update(settings)
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    return job
 
 
 def _subject(out: Path, name: str, sid: str = "s0") -> Path:
@@ -265,6 +275,17 @@ def test_flux_pack_of_two_equals_two_single_runs(tmp_path, tiny_flux, subjects_r
         assert max((a[k] - b[k]).abs().max().item() for k in a) < ATOL, sid
 
 
+def test_flux_ddp_with_a_clip_adapter_equals_one_process(tmp_path, tiny_flux, subjects_root):
+    spec = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
+    family_runs.assert_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root, spec, ("transformer", "text_encoder"))
+
+
+def test_flux_zero2_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root):
+    spec = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
+    family_runs.assert_zero2_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root, spec,
+                                                    ("transformer", "text_encoder"))
+
+
 def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, subjects_root, monkeypatch):
     """Stopped at step 3 of 6 (a checkpoint, as on SIGUSR1), then resumed by a fresh worker:
     equal to a straight run, for the transformer and the CLIP adapter."""
@@ -314,6 +335,43 @@ def test_the_jobs_guidance_reaches_a_guidance_distilled_transformer(tiny_flux):
                    txt_ids=torch.zeros(32, 3), img_ids=image_ids(8, 8, "cpu", torch.float32), return_dict=False,
                    **cond)[0]
     torch.testing.assert_close(unpack(direct, 8, 8), low)
+
+
+# ------------------------------------------------------------------ memory: a quantized transformer (QLoRA)
+
+
+@pytest.mark.parametrize("mode", ["int8", "nf4"])
+def test_a_quantized_flux_transformer_trains_a_lora_on_top(tmp_path, tiny_flux, subjects_root, mode):
+    """bitsandbytes 0.50 runs its 8-bit and NF4 layers on the CPU: the blocks' linear layers are
+    held quantized (a fraction of the bytes), the LoRA trains in fp32 on top and is exported."""
+    from launcher.config import ModelConfig
+    from training import components, quantize
+
+    proc = run_worker(_with_model(_job(tmp_path, tiny_flux, subjects_root, mode, adapter=ADAPTERS["lora"]),
+                                  quantize=mode))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"linear layers of transformer_blocks, single_transformer_blocks in {mode}" in proc.stderr
+    trained = _adapter(tmp_path / "out", mode)
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
+    full = components.load_components(ModelConfig(source=str(tiny_flux)), torch.device("cpu"))
+    held = components.load_components(ModelConfig(source=str(tiny_flux), quantize=mode), torch.device("cpu"))
+    blocks = [held.denoiser.transformer_blocks[0].attn.to_q, held.denoiser.single_transformer_blocks[0].proj_mlp]
+    assert all(b.weight.dtype in (torch.int8, torch.uint8) for b in blocks)
+    assert held.denoiser.x_embedder.weight.dtype == torch.float32  # outside the blocks: not quantized
+    assert quantize.weight_bytes(held.denoiser) < 0.7 * quantize.weight_bytes(full.denoiser)
+
+
+def test_quantize_is_refused_where_it_cannot_run(tmp_path, tiny_flux, tiny_model, subjects_root):
+    job = _job(tmp_path, tiny_flux, subjects_root, "q", adapter={"type": "loha"}, train={"pack": 2},
+               distributed={"strategy": "deepspeed", "nproc_per_node": 2})
+    proc = run_cli("validate", str(_with_model(job, quantize="nf4")))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for problem in ("adapter.type: model.quantize=nf4 trains LoRA", "train.pack: model.quantize=nf4",
+                    "distributed.strategy: model.quantize=nf4 cannot run under DeepSpeed"):
+        assert problem in proc.stderr, proc.stderr
+    sd = run_cli("validate", str(_with_model(_job(tmp_path, tiny_model, subjects_root, "sd"), quantize="int8")))
+    assert sd.returncode == 2 and "model.quantize=int8: quantizing the frozen denoiser is offered for Flux's" in sd.stderr
 
 
 # ------------------------------------------------------------------ the kohya/ComfyUI file, convert, merge

@@ -86,6 +86,10 @@ def load_components(cfg: ModelConfig, device: torch.device, train: TrainConfig |
     vae_dtype = family.vae_dtype(half, cfg.vae is not None)
     vae = _load_vae(cfg, path, vae_dtype, common, weights)
     denoiser = models.pop(family.denoiser)
+    if cfg.quantize != "none":  # the frozen blocks in 8/4-bit, the LoRA on top (validate allows it for such families)
+        from training.quantize import quantize_blocks
+
+        quantize_blocks(denoiser, cfg.quantize, family.quantized_blocks, half, device)
     for module in (denoiser, vae, *models.values()):
         module.requires_grad_(False)
         module.eval()

@@ -52,6 +52,7 @@ class Family(Protocol):
     # part -> (write, read): the family's own kohya module naming, from and to the flattened paths
     # kohya.to_kohya writes (Flux: BFL's, with fused layers); absent: the flattened paths themselves
     kohya_names: dict[str, tuple]
+    quantized_blocks: tuple[str, ...]  # the denoiser's submodules whose linear layers model.quantize holds in 8/4-bit
 
     def configure(self, train) -> "Family": ...
 
