@@ -56,6 +56,8 @@ def _prompt(c: Components, text: str, train_text_encoder: bool) -> Prompt:
     ids = c.family.tokenize(c.tokenizers, [text])
     if train_text_encoder:
         return Prompt(ids, None)
+    if text in c.prompts:  # cached before a text encoder was freed
+        return Prompt(ids, c.prompts[text])
     return Prompt(ids, {k: v.float() for k, v in c.family.encode(c.text_encoders, ids).items()})
 
 

@@ -53,6 +53,7 @@ class Family(Protocol):
     # kohya.to_kohya writes (Flux: BFL's, with fused layers); absent: the flattened paths themselves
     kohya_names: dict[str, tuple]
     quantized_blocks: tuple[str, ...]  # the denoiser's submodules whose linear layers model.quantize holds in 8/4-bit
+    free_after_caching: tuple[str, ...]  # frozen text encoders dropped once every prompt is encoded (no samples)
 
     def configure(self, train) -> "Family": ...
 

@@ -83,6 +83,7 @@ class Flux:
     kohya_prefix = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
     kohya_names = {"transformer": (flux_kohya.to_bfl, flux_kohya.from_bfl)}
     quantized_blocks = ("transformer_blocks", "single_transformer_blocks")  # model.quantize: int8 | nf4
+    free_after_caching = ("text_encoder_2",)  # T5 (4.7B parameters), once every prompt's conditioning is cached
 
     def __init__(self, guidance: float = 3.5, weighting_scheme: str = "none", logit_mean: float = 0.0,
                  logit_std: float = 1.0):
