@@ -537,3 +537,17 @@ def test_merge_bakes_the_flux_transformer_and_clip(runs, tiny_flux, tmp_path):
                                   str(folder / "adapter" / "text_encoder")).eval())
     for part in expected:
         torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=1e-3, msg=part)
+
+
+def test_the_flux_shaped_benchmark_model_has_flux1_dev_sizes():
+    """`python -m training.tiny flux DIR` (GPU measurements): built here on the meta device only."""
+    from diffusers import FluxTransformer2DModel
+
+    from training.tiny import FLUX_REAL
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_REAL["transformer"])
+    params = sum(p.numel() for p in model.parameters())
+    assert 11.8e9 < params < 12.0e9, params  # FLUX.1-dev's transformer: 11.9B
+    assert model.single_transformer_blocks[0].proj_mlp.out_features == 12288 and len(model.transformer_blocks) == 19
+    assert FLUX_REAL["t5"]["d_model"] == FLUX_REAL["transformer"]["joint_attention_dim"] == 4096

@@ -91,6 +91,15 @@ class Denoiser(torch.nn.Module):
     def parts(self) -> dict[str, torch.nn.Module]:
         return dict(self.named_children())
 
+    def train(self, mode: bool = True) -> "Denoiser":
+        """A part with nothing to train stays in eval mode: a frozen text encoder that runs in the
+        step (Flux's T5 beside a CLIP adapter) would otherwise apply its dropout (T5's is 0.1)."""
+        super().train(mode)
+        for part in self.children():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
+
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]):
         parts = self.parts()
         denoiser = parts.pop(self.family.denoiser)

@@ -118,7 +118,7 @@ class Flux:
         b, _, h, w = noisy.shape
         text = conditioning["encoder_hidden_states"]
         guidance = None
-        if denoiser.config.guidance_embeds:
+        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # DDP wraps the transformer as .module
             guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
         out = denoiser(hidden_states=pack(noisy), timestep=timesteps / TIMESTEP_SCALE, guidance=guidance,
                        pooled_projections=conditioning["pooled_projections"], encoder_hidden_states=text,
