@@ -22,8 +22,9 @@ def _json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def test_packed_step_benchmark_runs_and_counts_flops_per_pack():
-    proc = subprocess.run([sys.executable, "benchmarks/packed.py", "gpu", "--device", "cpu", "--shape", "tiny",
+@pytest.mark.parametrize("shape", ["tiny", "flux-tiny"])
+def test_packed_step_benchmark_runs_and_counts_flops_per_pack(shape):
+    proc = subprocess.run([sys.executable, "benchmarks/packed.py", "gpu", "--device", "cpu", "--shape", shape,
                            "--packs", "1", "2", "--steps", "1", "--warmup", "1"],
                           cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
