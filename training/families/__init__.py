@@ -22,7 +22,10 @@ A family says:
   `sampler(scheduler_config)` -> the scheduler it samples with;
 - `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes
   and `kohya_names` -> a part's own kohya module naming (Flux's BFL names);
-- `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another.
+- `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another;
+- `quantized_blocks` -> the denoiser's submodules whose linear layers `model.quantize` holds in
+  8/4-bit (none: refused at validate), and `free_after_caching` -> the frozen text encoders dropped
+  once every prompt's conditioning is cached (Flux: T5).
 
 `for_model(cfg, path, train)` picks the family from the model's files (launcher.families.detect) or
 `model.family`. Adding a family is adding one module here and its tiny model in training.tiny.
