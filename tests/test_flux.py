@@ -340,26 +340,32 @@ def test_the_jobs_guidance_reaches_a_guidance_distilled_transformer(tiny_flux):
 # ------------------------------------------------------------------ memory: a quantized transformer (QLoRA)
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_a_quantized_flux_transformer_trains_a_lora_on_top(tmp_path, tiny_flux, subjects_root, mode):
+def test_a_quantized_flux_transformer_trains_a_lora_on_top(tmp_path, tiny_flux, subjects_root):
     """bitsandbytes 0.50 runs its 8-bit and NF4 layers on the CPU: the blocks' linear layers are
     held quantized (a fraction of the bytes), the LoRA trains in fp32 on top and is exported."""
     from launcher.config import ModelConfig
     from training import components, quantize
 
-    proc = run_worker(_with_model(_job(tmp_path, tiny_flux, subjects_root, mode, adapter=ADAPTERS["lora"]),
-                                  quantize=mode))
+    proc = run_worker(_with_model(_job(tmp_path, tiny_flux, subjects_root, "int8", adapter=ADAPTERS["lora"]),
+                                  quantize="int8"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"linear layers of transformer_blocks, single_transformer_blocks in {mode}" in proc.stderr
-    trained = _adapter(tmp_path / "out", mode)
+    assert "linear layers of transformer_blocks, single_transformer_blocks in int8" in proc.stderr
+    trained = _adapter(tmp_path / "out", "int8")
     assert all(torch.isfinite(v).all() for v in trained.values())
     assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
     full = components.load_components(ModelConfig(source=str(tiny_flux)), torch.device("cpu"))
-    held = components.load_components(ModelConfig(source=str(tiny_flux), quantize=mode), torch.device("cpu"))
-    blocks = [held.denoiser.transformer_blocks[0].attn.to_q, held.denoiser.single_transformer_blocks[0].proj_mlp]
-    assert all(b.weight.dtype in (torch.int8, torch.uint8) for b in blocks)
-    assert held.denoiser.x_embedder.weight.dtype == torch.float32  # outside the blocks: not quantized
-    assert quantize.weight_bytes(held.denoiser) < 0.7 * quantize.weight_bytes(full.denoiser)
+    for mode, kind in (("int8", torch.int8), ("nf4", torch.uint8)):
+        held = components.load_components(ModelConfig(source=str(tiny_flux), quantize=mode), torch.device("cpu"))
+        blocks = [held.denoiser.transformer_blocks[0].attn.to_q, held.denoiser.single_transformer_blocks[0].proj_mlp]
+        assert all(b.weight.dtype == kind for b in blocks), mode
+        assert held.denoiser.x_embedder.weight.dtype == torch.float32  # outside the blocks: not quantized
+        assert quantize.weight_bytes(held.denoiser) < 0.7 * quantize.weight_bytes(full.denoiser), mode
+
+
+def test_nf4_qlora_under_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root):
+    log = family_runs.assert_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root, ADAPTERS["lora"],
+                                                    ("transformer",), model_settings={"quantize": "nf4"})
+    assert "in nf4 (bitsandbytes)" in log
 
 
 def test_quantize_is_refused_where_it_cannot_run(tmp_path, tiny_flux, tiny_model, subjects_root):
