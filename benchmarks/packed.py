@@ -3,6 +3,7 @@
     python benchmarks/packed.py cpu [--subjects 16] [--sequential 4] [--steps 10] [--packs 1 2 4 8 16]
     python benchmarks/packed.py gpu [--packs 1 2 4 8 16 32] [--steps 20]     # SD 1.5-shaped UNet, 512 px, bf16
     python benchmarks/packed.py gpu --device cpu --shape tiny --packs 1 2 --steps 1   # a smoke run of the gpu path
+    python benchmarks/packed.py gpu --shape flux --packs 1 2 4 8 --gradient-checkpointing   # FLUX.1-shaped, 1024 px
 
 cpu: the tiny random-weight model at 32 px, all through the real worker entry point. Sequential
 means one process per subject (process start, model load, caching, training, export), as a
@@ -11,7 +12,9 @@ N / their total time. Packed means one worker process with `--subjects` subjects
 train.pack=K (continuous batching). Same machine, same run, one after another.
 
 gpu: in one process, an SD 1.5-shaped random-weight UNet (training.tiny SHAPES["sd15"]) in bf16
-with packed LoRA rank 4 (comprehensive targets), batch 1 per subject at 512 px (64x64 latents),
+with packed LoRA rank 4 (comprehensive targets), batch 1 per subject at 512 px (64x64 latents)
+(--shape flux: FLUX.1-dev's transformer, training.tiny FLUX_REAL, at 1024 px with a 512-token T5
+sequence, through the flux family's predict),
 AdamW per subject as in training.packed_loop. Reports samples/s, subjects/hour at `--subject-steps`
 steps per subject (training time only), peak memory, and model FLOPs utilisation (FLOPs counted by
 torch.utils.flop_counter for one forward+backward, over the GPU's dense bf16 peak, `--peak-tflops`,
@@ -84,28 +87,74 @@ def run_cpu(args) -> list[dict]:
     return rows
 
 
-def run_step(args) -> list[dict]:
+def _denoiser(args, device):
+    """The packed step's model (adapters attached, trainable) and inputs(k) -> (x, forward(x) -> prediction):
+    an SD 1.5-shaped UNet at 512 px (64x64 latents), or a FLUX.1-shaped transformer at 1024 px (128x128
+    latents of 16 channels, a 512-token T5 sequence; guidance as train.guidance), both in bf16."""
     import torch
-    from diffusers import UNet2DConditionModel
-    from torch.utils.flop_counter import FlopCounterMode
 
     from launcher.config import LoraSpec
-    from training import adapters, packed
+    from training import adapters, families
+
+    spec = LoraSpec(type="lora", rank=4, targets="comprehensive")
+    if args.shape.startswith("flux"):
+        from diffusers import FluxTransformer2DModel
+
+        from training.tiny import FLUX_SHAPES
+
+        family, sizes = families.get("flux"), FLUX_SHAPES["tiny" if args.shape == "flux-tiny" else "flux"]
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device(device):  # built in place: FLUX.1's 12B parameters never pass through fp32 on the host
+            model = FluxTransformer2DModel(**sizes["transformer"])
+        torch.set_default_dtype(torch.float32)
+        side = 16 if args.shape == "flux-tiny" else 128
+        length = min(512, sizes["t5_max_length"])
+        model.requires_grad_(False)
+        adapters.attach(model, spec, family.targets("transformer"), "transformer")
+
+        def inputs(k):
+            x = torch.randn(k, 16, side, side, device=device)
+            cond = {"encoder_hidden_states": torch.randn(k, length, sizes["t5"]["d_model"], device=device,
+                                                         dtype=torch.bfloat16),
+                    "pooled_projections": torch.randn(k, sizes["text"]["hidden_size"], device=device,
+                                                      dtype=torch.bfloat16)}
+            ts = torch.rand(k, device=device) * 1000
+            return x, lambda x: family.predict(model, x, ts, cond)
+
+        return model.to(device), inputs
+    from diffusers import UNet2DConditionModel
+
     from training.tiny import SHAPES
+
+    unet = UNet2DConditionModel(**SHAPES[args.shape]["unet"]).to(device, torch.bfloat16)
+    side, context = unet.config.sample_size, unet.config.cross_attention_dim  # SD 1.5: 64x64 latents = 512 px
+    unet.requires_grad_(False)
+    adapters.attach(unet, spec, adapters.UNET_TARGETS, "unet")
+
+    def inputs(k):
+        x = torch.randn(k, 4, side, side, device=device)
+        emb = torch.randn(k, 77, context, device=device, dtype=torch.bfloat16)
+        ts = torch.randint(0, 1000, (k,), device=device)
+        return x, lambda x: unet(x, ts, encoder_hidden_states=emb).sample
+
+    return unet.to(device), inputs
+
+
+def run_step(args) -> list[dict]:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from training import packed
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     torch.backends.cuda.matmul.allow_tf32 = True
-    unet = UNet2DConditionModel(**SHAPES[args.shape]["unet"]).to(device, torch.bfloat16)
+    unet, inputs = _denoiser(args, device)
+
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    side, context = unet.config.sample_size, unet.config.cross_attention_dim  # SD 1.5: 64x64 latents = 512 px
-    unet.requires_grad_(False)
-    spec = LoraSpec(type="lora", rank=4, targets="comprehensive")
-    adapters.attach(unet, spec, adapters.UNET_TARGETS, "unet")
-    unet.to(device)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -116,13 +165,11 @@ def run_step(args) -> list[dict]:
         opts = [torch.optim.AdamW([torch.nn.Parameter(p.data[s]) for p in params], lr=1e-4, fused=True)
                 for s in range(k)]
         router.index = torch.arange(k, device=device)
-        x = torch.randn(k, 4, side, side, device=device)
-        emb = torch.randn(k, 77, context, device=device, dtype=torch.bfloat16)
-        ts = torch.randint(0, 1000, (k,), device=device)
+        x, forward = inputs(k)
 
         def step():
             with torch.autocast(device.type, dtype=torch.bfloat16):
-                pred = unet(x, ts, encoder_hidden_states=emb).sample
+                pred = forward(x)
             (pred.float() - x).pow(2).mean(dim=(1, 2, 3)).sum().backward()
             for s, opt in enumerate(opts):
                 for view, p in zip(opt.param_groups[0]["params"], params):
@@ -177,7 +224,8 @@ def main() -> None:
     p.add_argument("--peak-tflops", type=float, default=989.0)
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--device", default="cuda", help="gpu mode: where the step runs (cpu: a smoke run)")
-    p.add_argument("--shape", choices=["sd15", "tiny"], default="sd15", help="gpu mode: the UNet's layer sizes")
+    p.add_argument("--shape", choices=["sd15", "tiny", "flux", "flux-tiny"], default="sd15",
+                   help="gpu mode: the denoiser's layer sizes (sd15/tiny: UNet at 512 px; flux/flux-tiny: Flux transformer)")
     p.add_argument("--warmup", type=int, default=3, help="gpu mode: untimed steps first")
     args = p.parse_args()
     import torch

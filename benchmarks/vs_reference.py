@@ -1,14 +1,14 @@
 """dreamfleet vs a reference DreamBooth LoRA script (diffusers' examples/dreambooth/train_dreambooth_lora.py,
-or train_dreambooth_lora_sdxl.py with --family sdxl), same model, images, resolution, batch, rank,
+train_dreambooth_lora_sdxl.py with --family sdxl, train_dreambooth_lora_flux.py with --family flux), same model, images, resolution, batch, rank,
 targets, optimizer, steps and seed, in one run on one machine.
 
     python benchmarks/vs_reference.py --reference-script PATH [--python .venv-bench/bin/python]
-        [--family sd|sdxl] [--model tiny|sd15|sdxl] [--resolution 64] [--steps 40 200] [--reps 3]
+        [--family sd|sdxl|flux] [--model tiny|sd15|sdxl|flux] [--resolution 64] [--steps 40 200] [--reps 3]
         [--out DIR] [--set train.compile=true] [--batch-set train.pack=4]
 
 The reference script is not shipped: point to your copy (the one that matches --family).
---model tiny is the family's tiny random-weight model (`training.tiny model DIR [--family sdxl]`);
-sd15 and sdxl are random weights at the real layer sizes (for GPU runs). Both trainers run as fresh processes
+--model tiny is the family's tiny random-weight model (`training.tiny model DIR [--family sdxl|flux]`);
+sd15, sdxl and flux are random weights at the real layer sizes (for GPU runs). Both trainers run as fresh processes
 with the same Python (so the same torch), runs interleave (both short runs, then both long
 ones; repetitions alternate which trainer goes first), and:
 
@@ -24,6 +24,11 @@ ones; repetitions alternate which trainer goes first), and:
   not meant to be changed this way;
 - with --family sdxl dreamfleet's job sets train.attention=sdpa (PyTorch's attention, as the
   reference runs it; no CPU kernel of ours), so that a CPU figure says something about the GPU;
+  Flux's transformer runs SDPA in both (diffusers' Flux attention; no kernel of ours applies);
+- with --family flux both train the same LoRA targets (--lora_layers), with the same guidance
+  (3.5, the reference's default and ours), uniform timesteps (weighting_scheme none), T5 padded to
+  the same length (the reference's --max_sequence_length set to the tokenizer's, as ours), and
+  the reference caches its latents (--cache_latents: its best setting, as ours always does);
 - peak RSS is the child's own ru_maxrss (os.wait4); on GPU, peak GPU memory is polled from
   nvidia-smi for the child's pid.
 
@@ -49,7 +54,8 @@ TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]  # both references' UNet LoRA tar
 WEIGHT_DECAY = 1e-2  # dreamfleet's AdamW default; the SDXL reference's own default is 1e-4, so it is passed
 # model choice -> the `python -m training.tiny` arguments that build it, per family
 BUILDERS = {("sd", "tiny"): ["model"], ("sd", "sd15"): ["sd15"],
-            ("sdxl", "tiny"): ["model", "--family", "sdxl"], ("sdxl", "sdxl"): ["sdxl"]}
+            ("sdxl", "tiny"): ["model", "--family", "sdxl"], ("sdxl", "sdxl"): ["sdxl"],
+            ("flux", "tiny"): ["model", "--family", "flux"], ("flux", "flux"): ["flux"]}
 
 
 def prepare(args, work: Path) -> tuple[Path, Path]:
@@ -120,7 +126,16 @@ def reference_command(args, model: Path, images: Path, steps: int, out: Path) ->
            "--dataloader_num_workers=0", "--center_crop"]
     if args.family == "sd":
         cmd.append("--pre_compute_text_embeddings")
+    if args.family == "flux":
+        cmd += [f"--lora_layers={','.join(TARGETS)}", "--guidance_scale=3.5", "--weighting_scheme=none",
+                f"--max_sequence_length={t5_length(model)}", "--cache_latents"]
     return cmd
+
+
+def t5_length(model: Path) -> int:
+    """The T5 prompt length dreamfleet pads to: min(512, the tokenizer's model_max_length), as FluxPipeline."""
+    config = json.loads((model / "tokenizer_2" / "tokenizer_config.json").read_text())
+    return min(512, int(config.get("model_max_length", 512)))
 
 
 class GpuPoller(threading.Thread):
@@ -234,10 +249,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference-script", type=Path, required=True)
     parser.add_argument("--python", default=sys.executable, help="interpreter both trainers run with (one torch)")
-    parser.add_argument("--family", choices=["sd", "sdxl"], default="sd",
-                        help="sd: against train_dreambooth_lora.py; sdxl: against train_dreambooth_lora_sdxl.py")
-    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl"], default="tiny",
-                        help="the family's tiny model, or random weights at SD 1.5's (sd) or SDXL's (sdxl) sizes")
+    parser.add_argument("--family", choices=["sd", "sdxl", "flux"], default="sd",
+                        help="sd: against train_dreambooth_lora.py; sdxl: train_dreambooth_lora_sdxl.py; "
+                             "flux: train_dreambooth_lora_flux.py")
+    parser.add_argument("--model", choices=["tiny", "sd15", "sdxl", "flux"], default="tiny",
+                        help="the family's tiny model, or random weights at SD 1.5's (sd), SDXL's (sdxl) or "
+                             "FLUX.1's (flux) sizes")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--steps", type=int, nargs=2, default=[40, 200], metavar=("SHORT", "LONG"))

@@ -164,6 +164,7 @@ class ModelConfig(Section):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="Dtype of the frozen VAE and text encoder; 'auto' is bf16 on a GPU where supported, else fp16, and fp32 on a CPU; an explicit value applies on every device.")
     cache_dir: str | None = Field(None, description="Node-local staging cache for remote models (local NVMe, an emptyDir); default ~/.cache/dreamfleet/models.")
     family: Literal["auto", "sd", "sdxl", "flux"] = Field("auto", description="Model family: 'auto' detects it from the model's own files (model_index.json, the denoiser's config); 'sd' (1.x/2.x), 'sdxl' or 'flux' (Flux.1) where they cannot be read before the download (a Hub id).")
+    quantize: Literal["none", "int8", "nf4"] = Field("none", description="Hold the frozen transformer's block layers in 8-bit or 4-bit NF4 through bitsandbytes, with the LoRA trained on top in full precision (QLoRA); Flux with LoRA only.")
     vae: Annotated[str, AfterValidator(location)] | None = Field(None, description="A separate VAE to load instead of the model's own (e.g. SDXL's fp16-fixed VAE): a folder holding the VAE's config.json (or a vae/ subfolder), a URI or a Hub repo id.")
 
 

@@ -32,6 +32,12 @@ LAYOUTS = {
                    ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
                    ("FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline")),
 }
+# the target names whose modules have a place in Flux's kohya/ComfyUI file (BFL's naming,
+# training/families/flux_kohya.py); LoRA only there
+FLUX_KOHYA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                      "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "norm1.linear",
+                      "norm1_context.linear", "proj_mlp", "proj_out", "norm.linear", "x_embedder", "context_embedder",
+                      "linear_1", "linear_2", "norm_out.linear")
 DENOISER_CLASSES = {"FluxTransformer2DModel": "flux"}  # transformer/config.json `_class_name` -> family
 SUPPORTED = ", ".join(f"{layout.name} ({layout.title})" for layout in LAYOUTS.values())
 

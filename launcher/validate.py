@@ -59,10 +59,41 @@ def family_problems(job: JobConfig, family: str | None) -> list[str]:
     elif job.adapter.text_encoder_2 is not None and family not in (None, "sdxl"):
         problems.append(f"adapter.text_encoder_2: a {families.LAYOUTS[family].title} model has one text encoder; "
                         "use adapter.text_encoder")
+    if job.model.quantize != "none":
+        problems += _quantize_problems(job, family)
     if family == "flux" and "kohya" in job.output.formats and "formats" in job.output.model_fields_set:
-        problems.append("output.formats: the kohya/ComfyUI single file is not written for Flux yet (docs/families.md); "
-                        "use peft and diffusers")
+        problems += _flux_kohya_problems(job.adapter)
     return problems
+
+
+def _quantize_problems(job: JobConfig, family: str | None) -> list[str]:
+    """What a quantized frozen transformer (QLoRA) cannot be trained with."""
+    q = f"model.quantize={job.model.quantize}"
+    if family not in (None, "flux"):
+        return [f"{q}: quantizing the frozen denoiser is offered for Flux's transformer only (this is a "
+                f"{families.LAYOUTS[family].title} model); use model.quantize=none"]
+    problems = []
+    if job.adapter.type != "lora":
+        problems.append(f"adapter.type: {q} trains LoRA on the quantized layers (QLoRA); a {job.adapter.type} "
+                        "adapter is not supported there")
+    if job.train.pack != 1:
+        problems.append(f"train.pack: {q} trains one subject at a time; set train.pack=1")
+    if job.distributed.strategy == "deepspeed":
+        problems.append(f"distributed.strategy: {q} cannot run under DeepSpeed ZeRO (it shards full-precision "
+                        "weights); use subject or ddp")
+    return problems
+
+
+def _flux_kohya_problems(adapter) -> list[str]:
+    """What keeps an adapter out of Flux's kohya/ComfyUI file (BFL's naming, with fused q/k/v)."""
+    if adapter.type != "lora":
+        return [f"output.formats: Flux's kohya/ComfyUI file holds LoRA only (adapter.type is {adapter.type}: no "
+                "agreed form for it on BFL's fused layers); use peft and diffusers"]
+    targets = [] if isinstance(adapter.targets, str) else adapter.targets
+    if outside := [t for t in targets if t not in families.FLUX_KOHYA_TARGETS]:
+        return [f"output.formats: adapter.targets {', '.join(outside)} have no place in Flux's kohya/ComfyUI file "
+                f"(BFL's naming takes {', '.join(families.FLUX_KOHYA_TARGETS)}); drop kohya or those targets"]
+    return []
 
 
 def notes_for(job: JobConfig) -> list[str]:

@@ -22,8 +22,9 @@ def _json_lines(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-def test_packed_step_benchmark_runs_and_counts_flops_per_pack():
-    proc = subprocess.run([sys.executable, "benchmarks/packed.py", "gpu", "--device", "cpu", "--shape", "tiny",
+@pytest.mark.parametrize("shape", ["tiny", "flux-tiny"])
+def test_packed_step_benchmark_runs_and_counts_flops_per_pack(shape):
+    proc = subprocess.run([sys.executable, "benchmarks/packed.py", "gpu", "--device", "cpu", "--shape", shape,
                            "--packs", "1", "2", "--steps", "1", "--warmup", "1"],
                           cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -105,4 +106,38 @@ def test_vs_reference_sdxl_matches_the_reference_flags_and_runs_dreamfleets_pack
             keys = list(f.keys())
         # the same adapter as the reference's: UNet LoRA only, on the four attention projections
         assert keys and all(k.startswith("unet.") for k in keys), keys[:5]
+        assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"to_k", "to_q", "to_v", "0"}, keys[:5]
+
+
+def test_vs_reference_flux_matches_the_reference_flags_and_runs_dreamfleets_packed_job(tmp_path):
+    vr = _vs_reference()
+    script = tmp_path / "train_dreambooth_lora_flux.py"  # the user's copy stands here; it is not run
+    script.write_text("")
+    with pytest.raises(SystemExit, match="--model sdxl is not a flux model; with --family flux use one of tiny, flux"):
+        vr.parse_args(["--reference-script", str(script), "--family", "flux", "--model", "sdxl"])
+    args = vr.parse_args(["--reference-script", str(script), "--python", sys.executable, "--family", "flux",
+                          "--resolution", "32", "--subjects", "2", "--batch-set", "train.pack=2", "--out", str(tmp_path)])
+    model, images = vr.prepare(args, tmp_path)
+    assert json.loads((model / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    ref = vr.reference_command(args, model, images, 7, tmp_path / "ref")
+    # the same targets, guidance, timestep density and T5 length as dreamfleet's job; latents cached
+    for flag in ("--lora_layers=to_k,to_q,to_v,to_out.0", "--guidance_scale=3.5", "--weighting_scheme=none",
+                 "--max_sequence_length=32", "--cache_latents", "--rank=4", "--max_train_steps=7", "--resolution=32"):
+        assert flag in ref, (flag, ref)
+    assert "--pre_compute_text_embeddings" not in ref  # an SD-script flag the Flux script lacks
+
+    out = tmp_path / "dreamfleet-x2"
+    cmd = vr.ours_command(args, model, images, 2, out, subjects=2)
+    job = yaml.safe_load((tmp_path / "dreamfleet-x2.yaml").read_text())
+    assert job["train"]["pack"] == 2 and job["adapter"]["targets"] == vr.TARGETS
+    assert job["train"].get("guidance", 3.5) == 3.5 and job["train"].get("weighting_scheme", "none") == "none"
+    timing = vr.timed(cmd, tmp_path / "dreamfleet-x2.log", gpu=False)
+    assert timing["wall_s"] > 0, timing
+    assert "loaded a flux model" in (tmp_path / "dreamfleet-x2.log").read_text()
+    for i in range(2):
+        subject = out / "bench" / "subjects" / f"bench-{i}"
+        assert json.loads((subject / "status.json").read_text())["state"] == "done"
+        with safe_open(str(subject / "pytorch_lora_weights.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        assert keys and all(k.startswith("transformer.") for k in keys), keys[:5]
         assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"to_k", "to_q", "to_v", "0"}, keys[:5]

@@ -49,7 +49,9 @@ def test_a_record_from_before_a_setting_existed_is_not_a_change():
     recorded before them was trained with their defaults, and a non-default value is a change."""
     from launcher import fingerprint
 
-    now = {"model.source": "/m", "model.family": "auto", "model.vae": None, "adapter.text_encoder_2": None}
+    now = {"model.source": "/m", "model.family": "auto", "model.vae": None, "adapter.text_encoder_2": None,
+           "model.quantize": "none"}
     old = {"model.source": "/m"}
     assert fingerprint.differences(old, now) == []
     assert fingerprint.differences(old, {**now, "model.vae": "/vae"}) == ['model.vae: null -> "/vae"']
+    assert fingerprint.differences(old, {**now, "model.quantize": "nf4"}) == ['model.quantize: "none" -> "nf4"']

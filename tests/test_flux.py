@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+import family_runs
 from conftest import job_dict, preempt_at_step, run_cli, run_worker, subject_entry, write_job
 
 pytestmark = pytest.mark.slow
@@ -28,6 +30,14 @@ ADAPTERS = {
 def _job(tmp: Path, model: Path, subjects_root: Path, name: str, n: int = 1, **sections) -> Path:
     subjects = [subject_entry(subjects_root, i) for i in range(n)]
     return write_job(tmp / f"{name}.yaml", job_dict(model, subjects, tmp / "out", name=name, **sections))
+
+
+def _with_model(job: Path, **settings) -> Path:
+    """The job file with these model.* settings added."""
+    data = yaml.safe_load(job.read_text())
+    data["model"].update(settings)
+    job.write_text(yaml.safe_dump(data, sort_keys=False))
+    return job
 
 
 def _subject(out: Path, name: str, sid: str = "s0") -> Path:
@@ -63,13 +73,17 @@ def _validate(tmp_path, model, subjects_root, **sections):
     return run_cli("validate", str(job))
 
 
-def test_flux_refuses_a_t5_adapter_and_a_kohya_file_at_validate(tiny_flux, tmp_path, subjects_root):
+def test_flux_refuses_a_t5_adapter_and_what_its_kohya_file_cannot_hold(tiny_flux, tmp_path, subjects_root):
     proc = _validate(tmp_path, tiny_flux, subjects_root,
-                     adapter={"type": "lora", "text_encoder_2": {"rank": 4}}, output={"formats": ["peft", "kohya"]})
+                     adapter={"type": "lora", "text_encoder_2": {"rank": 4}, "targets": ["to_q", "attn.norm_q"]},
+                     output={"formats": ["peft", "kohya"]})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "adapter.text_encoder_2: Flux's T5 encoder stays frozen" in proc.stderr
-    assert "output.formats: the kohya/ComfyUI single file is not written for Flux yet" in proc.stderr
-    ok = _validate(tmp_path, tiny_flux, subjects_root, adapter={"type": "lora", "text_encoder": {"rank": 4}})
+    assert "output.formats: adapter.targets attn.norm_q have no place in Flux's kohya/ComfyUI file" in proc.stderr
+    loha = _validate(tmp_path, tiny_flux, subjects_root, adapter={"type": "loha"}, output={"formats": ["kohya"]})
+    assert loha.returncode == 2 and "Flux's kohya/ComfyUI file holds LoRA only (adapter.type is loha" in loha.stderr
+    ok = _validate(tmp_path, tiny_flux, subjects_root, adapter={"type": "lora", "text_encoder": {"rank": 4}},
+                   output={"formats": ["kohya"]})
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
@@ -170,7 +184,10 @@ def test_each_adapter_trains_flux_and_writes_the_contract(runs, name):
     parts = {p.name for p in (folder / "adapter").iterdir()}
     assert parts == ({"transformer", "text_encoder"} if name == "lora-te" else {"transformer"})
     assert (folder / "pytorch_lora_weights.safetensors").exists() == name.startswith("lora")
-    assert not (folder / "s0.safetensors").exists() and "no kohya/ComfyUI file for a flux adapter" in stderr
+    # the kohya/ComfyUI file in BFL's naming is LoRA only; the default formats skip it for LoHa/LoKr
+    assert (folder / "s0.safetensors").exists() == name.startswith("lora")
+    if not name.startswith("lora"):
+        assert "no kohya/ComfyUI file for this flux adapter" in stderr and "holds LoRA only" in stderr
     from training.export import read_peft_weights
 
     trained = read_peft_weights(folder / "adapter" / "transformer" / "adapter_model.safetensors")
@@ -258,6 +275,17 @@ def test_flux_pack_of_two_equals_two_single_runs(tmp_path, tiny_flux, subjects_r
         assert max((a[k] - b[k]).abs().max().item() for k in a) < ATOL, sid
 
 
+def test_flux_ddp_with_a_clip_adapter_equals_one_process(tmp_path, tiny_flux, subjects_root):
+    spec = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
+    family_runs.assert_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root, spec, ("transformer", "text_encoder"))
+
+
+def test_flux_zero2_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root):
+    spec = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
+    family_runs.assert_zero2_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root, spec,
+                                                    ("transformer", "text_encoder"))
+
+
 def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, subjects_root, monkeypatch):
     """Stopped at step 3 of 6 (a checkpoint, as on SIGUSR1), then resumed by a fresh worker:
     equal to a straight run, for the transformer and the CLIP adapter."""
@@ -307,3 +335,224 @@ def test_the_jobs_guidance_reaches_a_guidance_distilled_transformer(tiny_flux):
                    txt_ids=torch.zeros(32, 3), img_ids=image_ids(8, 8, "cpu", torch.float32), return_dict=False,
                    **cond)[0]
     torch.testing.assert_close(unpack(direct, 8, 8), low)
+
+
+# ------------------------------------------------------------------ memory: a quantized transformer (QLoRA)
+
+
+def test_a_quantized_flux_transformer_trains_a_lora_on_top(tmp_path, tiny_flux, subjects_root):
+    """bitsandbytes 0.50 runs its 8-bit and NF4 layers on the CPU: the blocks' linear layers are
+    held quantized (a fraction of the bytes), the LoRA trains in fp32 on top and is exported."""
+    from launcher.config import ModelConfig
+    from training import components, quantize
+
+    proc = run_worker(_with_model(_job(tmp_path, tiny_flux, subjects_root, "int8", adapter=ADAPTERS["lora"]),
+                                  quantize="int8"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "linear layers of transformer_blocks, single_transformer_blocks in int8" in proc.stderr
+    trained = _adapter(tmp_path / "out", "int8")
+    assert all(torch.isfinite(v).all() for v in trained.values())
+    assert any(v.abs().max() > 0 for k, v in trained.items() if "lora_B" in k)
+    full = components.load_components(ModelConfig(source=str(tiny_flux)), torch.device("cpu"))
+    for mode, kind in (("int8", torch.int8), ("nf4", torch.uint8)):
+        held = components.load_components(ModelConfig(source=str(tiny_flux), quantize=mode), torch.device("cpu"))
+        blocks = [held.denoiser.transformer_blocks[0].attn.to_q, held.denoiser.single_transformer_blocks[0].proj_mlp]
+        assert all(b.weight.dtype == kind for b in blocks), mode
+        assert held.denoiser.x_embedder.weight.dtype == torch.float32  # outside the blocks: not quantized
+        assert quantize.weight_bytes(held.denoiser) < 0.7 * quantize.weight_bytes(full.denoiser), mode
+
+
+def test_nf4_qlora_under_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root):
+    log = family_runs.assert_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root, ADAPTERS["lora"],
+                                                    ("transformer",), model_settings={"quantize": "nf4"})
+    assert "in nf4 (bitsandbytes)" in log
+
+
+def test_quantize_is_refused_where_it_cannot_run(tmp_path, tiny_flux, tiny_model, subjects_root):
+    job = _job(tmp_path, tiny_flux, subjects_root, "q", adapter={"type": "loha"}, train={"pack": 2},
+               distributed={"strategy": "deepspeed", "nproc_per_node": 2})
+    proc = run_cli("validate", str(_with_model(job, quantize="nf4")))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    for problem in ("adapter.type: model.quantize=nf4 trains LoRA", "train.pack: model.quantize=nf4",
+                    "distributed.strategy: model.quantize=nf4 cannot run under DeepSpeed"):
+        assert problem in proc.stderr, proc.stderr
+    sd = run_cli("validate", str(_with_model(_job(tmp_path, tiny_model, subjects_root, "sd"), quantize="int8")))
+    assert sd.returncode == 2 and "model.quantize=int8: quantizing the frozen denoiser is offered for Flux's" in sd.stderr
+
+
+def test_t5_is_freed_once_every_prompt_is_cached(tmp_path, tiny_flux, subjects_root, monkeypatch, caplog):
+    """A subject with prior preservation, frozen encoders and no samples: its instance and class
+    prompts are encoded first, then T5 is dropped (no reference left) and both subjects train from the
+    cache, to the same adapters as a run that keeps T5 (a CLIP adapter keeps it: it encodes each step)."""
+    import gc
+    import logging
+    import weakref
+
+    from launcher.config import load_job
+    from training import runner
+    from training.env import Preemption, WorkerEnv
+
+    t5s = []
+    real_load = runner.load_components
+
+    def load(*args, **kwargs):
+        c = real_load(*args, **kwargs)
+        t5s.append(weakref.ref(c.text_encoders["text_encoder_2"]))
+        return c
+
+    monkeypatch.setattr(runner, "load_components", load)
+    prior = {"enabled": True, "num_class_images": 2, "sample_steps": 1}
+
+    def run(name, **sections):
+        job = load_job(_job(tmp_path, tiny_flux, subjects_root, name, prior=prior, **sections))
+        worker = runner.Worker(job, WorkerEnv(), Preemption(), torch.device("cpu"), "test")
+        return worker, [o.state for o in worker.run(list(job.subjects))]
+
+    with caplog.at_level(logging.INFO, logger="training.components"):
+        freed, states = run("freed")
+    assert states == ["done"]
+    assert "text_encoder_2" not in freed.c.text_encoders and len(freed.c.prompts) == 2  # instance and class prompt
+    assert "freed text_encoder_2 after caching 2 prompt(s)" in caplog.text
+    gc.collect()
+    assert t5s[0]() is None, "the T5 encoder is still referenced"
+    kept, states = run("kept", train={"samples": {"enabled": True, "prompts": ["{instance}"], "num_inference_steps": 1}})
+    assert states == ["done"] and "text_encoder_2" in kept.c.text_encoders and not kept.c.prompts
+    a, b = _adapter(tmp_path / "out", "freed"), _adapter(tmp_path / "out", "kept")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+# ------------------------------------------------------------------ the kohya/ComfyUI file, convert, merge
+
+# every module kind the BFL naming has a place for: the comprehensive preset, modulations, embedders
+EVERY_MAPPED = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out",
+                "norm1.linear", "norm1_context.linear", "norm.linear", "norm_out.linear", "x_embedder",
+                "context_embedder", "linear_1", "linear_2"]
+# diffusers' converter splits a single block's linear1 at FLUX.1's widths (3072 x 3, 12288), so the
+# single blocks are read at that width (one block, no double block); the double blocks at the tiny one
+CONVERTER_SHAPES = {
+    "double-blocks": dict(num_layers=2, num_single_layers=0),
+    "single-block-at-flux1-width": dict(num_layers=0, num_single_layers=1, attention_head_dim=128,
+                                        num_attention_heads=24, axes_dims_rope=(16, 56, 56)),
+}
+
+
+def _lora_part(model, spec, presets, part):
+    """Attach a LoRA with random non-zero up matrices (as after training); the export Part of it."""
+    from training import adapters, export
+
+    adapters.attach(model, spec, presets, part)
+    gen = torch.Generator().manual_seed(len(part))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    return export.Part(adapters.adapter_state_dict(model), adapters.peft_config(spec, presets), spec)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("shape", CONVERTER_SHAPES)
+def test_diffusers_flux_converter_reads_our_kohya_file(tiny_flux, tmp_path, shape):
+    """diffusers' kohya Flux converter (what FluxPipeline.load_lora_weights runs on such a file)
+    reads our single file (BFL's naming, fused q/k/v and linear1, the final layer's swapped
+    modulation) into adapters that reproduce our transformer and CLIP encoder."""
+    import copy
+
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors import safe_open
+
+    from launcher.config import LoraSpec
+    from training import export, families
+    from training.kohya import write_kohya
+    from training.tiny import FLUX_TINY
+
+    family = families.get("flux")
+    torch.manual_seed(0)
+    base = FluxTransformer2DModel(**{**FLUX_TINY["transformer"], **CONVERTER_SHAPES[shape]}).eval()
+    pipe = FluxPipeline.from_pretrained(tiny_flux, transformer=copy.deepcopy(base))
+    ours = {"transformer": base, "text_encoder": copy.deepcopy(pipe.text_encoder)}
+    parts = {"transformer": _lora_part(ours["transformer"], LoraSpec(rank=4, alpha=8, targets=EVERY_MAPPED),
+                                       family.targets("transformer"), "transformer"),
+             "text_encoder": _lora_part(ours["text_encoder"], LoraSpec(rank=2), family.targets("text_encoder"),
+                                        "text_encoder")}
+    path = write_kohya(export.TrainedAdapter(parts, "flux"), tmp_path / "s0.safetensors")
+    with safe_open(str(path), "pt") as f:
+        keys = {k.partition(".")[0] for k in f.keys()}
+    fused = "lora_unet_double_blocks_1_img_attn_qkv" if shape == "double-blocks" else "lora_unet_single_blocks_0_linear1"
+    assert fused in keys and "lora_unet_final_layer_adaLN_modulation_1" in keys and "lora_unet_guidance_in_in_layer" in keys
+    assert not any("transformer_blocks" in k for k in keys) and any(k.startswith("lora_te1_text_model_") for k in keys)
+
+    expected = _outputs(ours["transformer"], ours["text_encoder"].eval())
+    before = _outputs(pipe.transformer, pipe.text_encoder)
+    converted = FluxPipeline.lora_state_dict(str(path))  # diffusers' kohya Flux converter
+    # diffusers 0.42's converter names the final layer and the embedders without the "transformer."
+    # prefix that load_lora_weights routes by (it would drop them): they are put under it here, and
+    # nothing else may lack it
+    bare = {k for k in converted if not k.startswith(("transformer.", "text_encoder."))}
+    assert {k.split(".")[0] for k in bare} <= {"proj_out", "norm_out", "x_embedder", "context_embedder",
+                                               "time_text_embed"}, sorted(bare)[:4]
+    pipe.load_lora_weights({(f"transformer.{k}" if k in bare else k): v for k, v in converted.items()})
+    got = _outputs(pipe.transformer, pipe.text_encoder)
+    for part in expected:
+        assert not torch.allclose(before[part], expected[part], atol=ATOL), f"{part}: the adapter changes nothing"
+        torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=1e-3, msg=part)
+
+
+def test_convert_reads_the_flux_kohya_file_back_to_our_peft_adapter(runs, tiny_flux, tiny_model, tmp_path):
+    """`launcher convert` of the worker's kohya file (BFL's naming) back to PEFT, and to diffusers' file."""
+    from training.convert import read
+
+    folder, _ = runs["lora-te"]
+    proc = run_cli("convert", str(folder / "s0.safetensors"), str(tmp_path / "peft"), "--to", "peft",
+                   "--model", str(tiny_flux))
+    assert proc.returncode == 0, proc.stderr
+    back, ours = read(tmp_path / "peft"), read(folder / "adapter")
+    assert back.family == ours.family == "flux" and list(back.parts) == ["transformer", "text_encoder"]
+    for part in ours.parts:
+        assert back.parts[part].state.keys() == ours.parts[part].state.keys(), part
+        for key, value in ours.parts[part].state.items():
+            torch.testing.assert_close(back.parts[part].state[key], value, atol=1e-6, rtol=1e-5)
+    again = run_cli("convert", str(tmp_path / "peft"), str(tmp_path / "diffusers"), "--to", "diffusers")
+    assert again.returncode == 0, again.stderr
+    assert read(tmp_path / "diffusers" / "pytorch_lora_weights.safetensors").family == "flux"
+    wrong = run_cli("convert", str(folder / "s0.safetensors"), str(tmp_path / "x"), "--to", "peft",
+                    "--model", str(tiny_model))
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "parts a sd model lacks (lora_te1_*)" in wrong.stderr or "no module of the model part" in wrong.stderr
+
+
+@torch.no_grad()
+def test_merge_bakes_the_flux_transformer_and_clip(runs, tiny_flux, tmp_path):
+    from diffusers import FluxTransformer2DModel
+    from peft import PeftModel
+    from transformers import CLIPTextModel
+
+    folder, _ = runs["lora-te"]
+    proc = run_cli("merge", str(tiny_flux), str(folder / "adapter"), str(tmp_path / "merged"))
+    assert proc.returncode == 0, proc.stderr
+    assert "merged transformer, text_encoder" in proc.stdout
+    merged = tmp_path / "merged"
+    assert (merged / "text_encoder_2" / "config.json").exists() and (merged / "model_index.json").exists()
+    got = _outputs(FluxTransformer2DModel.from_pretrained(merged, subfolder="transformer").eval(),
+                   CLIPTextModel.from_pretrained(merged, subfolder="text_encoder").eval())
+    expected = _outputs(
+        PeftModel.from_pretrained(FluxTransformer2DModel.from_pretrained(tiny_flux, subfolder="transformer"),
+                                  str(folder / "adapter" / "transformer")).eval(),
+        PeftModel.from_pretrained(CLIPTextModel.from_pretrained(tiny_flux, subfolder="text_encoder"),
+                                  str(folder / "adapter" / "text_encoder")).eval())
+    for part in expected:
+        torch.testing.assert_close(got[part], expected[part], atol=ATOL, rtol=1e-3, msg=part)
+
+
+def test_the_flux_shaped_benchmark_model_has_flux1_dev_sizes():
+    """`python -m training.tiny flux DIR` (GPU measurements): built here on the meta device only."""
+    from diffusers import FluxTransformer2DModel
+
+    from training.tiny import FLUX_REAL
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**FLUX_REAL["transformer"])
+    params = sum(p.numel() for p in model.parameters())
+    assert 11.8e9 < params < 12.0e9, params  # FLUX.1-dev's transformer: 11.9B
+    assert model.single_transformer_blocks[0].proj_mlp.out_features == 12288 and len(model.transformer_blocks) == 19
+    assert FLUX_REAL["t5"]["d_model"] == FLUX_REAL["transformer"]["joint_attention_dim"] == 4096

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import family_runs
 from conftest import job_dict, preempt_at_step, run_worker, subject_entry, write_job
 
 pytestmark = pytest.mark.slow
@@ -191,31 +192,13 @@ def test_sdxl_pack_of_two_equals_two_single_runs(tmp_path, tiny_sdxl, subjects_r
 
 
 def test_sdxl_ddp_with_both_text_encoders_equals_one_process(tmp_path, tiny_sdxl, subjects_root):
-    """As tests/test_distributed.py: eps=1.0 so the update is proportional to the averaged gradient."""
-    adapter = _with_te({"type": "lora", "rank": 4})
-    train = {"steps": 3, "eps": 1.0, "learning_rate": 0.5}
-    one = run_worker(_job(tmp_path, tiny_sdxl, subjects_root, "one", adapter=adapter, train={**train, "batch_size": 2}))
-    assert one.returncode == 0, one.stderr[-3000:]
-    ddp = run_worker(_job(tmp_path, tiny_sdxl, subjects_root, "ddp", adapter=adapter, train={**train, "batch_size": 1},
-                          distributed={"strategy": "ddp", "nproc_per_node": 2}), nproc=2)
-    assert ddp.returncode == 0, ddp.stderr[-4000:]
-    for part in ("unet", *TE_PARTS):
-        assert _max_diff(_adapter(tmp_path / "out", "one", part=part), _adapter(tmp_path / "out", "ddp", part=part)) < 1e-5
+    family_runs.assert_ddp_equals_one_process(tmp_path, tiny_sdxl, subjects_root, _with_te({"type": "lora", "rank": 4}),
+                                              ("unet", *TE_PARTS))
 
 
 def test_sdxl_zero2_saves_the_full_adapter(tmp_path, tiny_sdxl, subjects_root):
-    adapter = _with_te({"type": "lora", "rank": 4})
-    one = run_worker(_job(tmp_path, tiny_sdxl, subjects_root, "one", adapter=adapter, train={"steps": 2}))
-    assert one.returncode == 0, one.stderr[-3000:]
-    zero = run_worker(_job(tmp_path, tiny_sdxl, subjects_root, "zero", adapter=adapter, train={"steps": 2},
-                           distributed={"strategy": "deepspeed", "zero_stage": 2, "nproc_per_node": 2}), nproc=2)
-    assert zero.returncode == 0, zero.stderr[-4000:]
-    assert "DeepSpeed ZeRO-2 engine" in zero.stderr
-    for part in ("unet", *TE_PARTS):
-        ours, single = _adapter(tmp_path / "out", "zero", part=part), _adapter(tmp_path / "out", "one", part=part)
-        assert ours.keys() == single.keys() and all(v.shape == single[k].shape for k, v in ours.items())
-        assert all(torch.isfinite(v).all() for v in ours.values())
-        assert any(v.abs().max() > 0 for k, v in ours.items() if "lora_B" in k), part
+    family_runs.assert_zero2_saves_the_full_adapter(tmp_path, tiny_sdxl, subjects_root,
+                                                    _with_te({"type": "lora", "rank": 4}), ("unet", *TE_PARTS))
 
 
 def test_sdxl_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_sdxl, subjects_root, monkeypatch):

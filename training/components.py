@@ -11,7 +11,7 @@ their optimizer state stay fp32 (autocast runs the forward in half precision).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,6 +34,8 @@ class Components:
     noise_scheduler: object
     path: str
     device: torch.device
+    # prompt -> its cached conditioning, filled where a frozen text encoder is freed (free_after_caching)
+    prompts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -86,6 +88,10 @@ def load_components(cfg: ModelConfig, device: torch.device, train: TrainConfig |
     vae_dtype = family.vae_dtype(half, cfg.vae is not None)
     vae = _load_vae(cfg, path, vae_dtype, common, weights)
     denoiser = models.pop(family.denoiser)
+    if cfg.quantize != "none":  # the frozen blocks in 8/4-bit, the LoRA on top (validate allows it for such families)
+        from training.quantize import quantize_blocks
+
+        quantize_blocks(denoiser, cfg.quantize, family.quantized_blocks, half, device)
     for module in (denoiser, vae, *models.values()):
         module.requires_grad_(False)
         module.eval()
@@ -112,3 +118,19 @@ def count_parameters(module: torch.nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in module.parameters())
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return trainable, total
+
+
+@torch.no_grad()
+def cache_prompts_and_free(c: Components, prompts: set[str]) -> list[str]:
+    """Encode every prompt the worker will train on, keep the conditioning, and drop the text
+    encoders the family frees once that is cached (Flux: the T5 encoder, about 9 GB in bf16);
+    returns the parts dropped. Only for frozen text encoders and no samples (which need them)."""
+    for prompt in sorted(prompts):
+        ids = c.family.tokenize(c.tokenizers, [prompt])
+        c.prompts[prompt] = {k: v.float() for k, v in c.family.encode(c.text_encoders, ids).items()}
+    freed = [part for part in c.family.free_after_caching if part in c.text_encoders]
+    for part in freed:
+        size = sum(p.numel() * p.element_size() for p in c.text_encoders.pop(part).parameters())
+        log.info("freed %s after caching %d prompt(s) (%.1f MB)", part, len(prompts), size / 2**20)
+    return freed
+

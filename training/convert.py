@@ -2,7 +2,7 @@
 
     python -m training.convert IN OUT --to peft|diffusers|kohya [--model MODEL_DIR]
 
-IN is a PEFT adapter folder (unet/ and optionally text_encoder/, text_encoder_2/), a diffusers LoRA file, or a
+IN is a PEFT adapter folder (unet/ or, for Flux, transformer/, and optionally text_encoder/, text_encoder_2/), a diffusers LoRA file, or a
 kohya/A1111/ComfyUI/LyCORIS single file (LoRA, LoHa, LoKr). Reading a kohya file needs the base
 model (--model) because its keys flatten module paths ('.' -> '_'). OUT is a folder for --to peft
 and diffusers, a .safetensors file for --to kohya.
@@ -26,6 +26,7 @@ from training import export, families, kohya
 from training.tools import fail, load_part, model_family, one_line, quiet_libraries, read_adapter_part
 
 TARGETS = ("peft", "diffusers", "kohya")
+DENOISERS = {"unet", "transformer"}  # an adapter holds one of these (SD, SDXL: unet; Flux: transformer)
 
 
 def spec_from_peft(config):
@@ -51,9 +52,10 @@ def read_peft(directory: Path) -> export.TrainedAdapter:
         if (directory / part / "adapter_config.json").exists():
             config, state = read_adapter_part(directory / part)
             parts[part] = export.Part(state, config, spec_from_peft(config))
-    if "unet" not in parts:
-        raise InputError(f"{directory}: no PEFT adapter (expected unet/adapter_config.json)")
-    return _adapter(parts, _metadata(directory / "unet" / export.PEFT_WEIGHTS))
+    if not set(parts) & DENOISERS:
+        raise InputError(f"{directory}: no PEFT adapter (expected unet/ or transformer/adapter_config.json)")
+    denoiser = next(p for p in parts if p in DENOISERS)
+    return _adapter(parts, _metadata(directory / denoiser / export.PEFT_WEIGHTS))
 
 
 def read_diffusers(path: Path) -> export.TrainedAdapter:
@@ -72,8 +74,8 @@ def read_diffusers(path: Path) -> export.TrainedAdapter:
             cfg = {k[len(part) + 1:]: v for k, v in configs.items() if k.startswith(part + ".")}
             config = LoraConfig(r=cfg["r"], lora_alpha=cfg["lora_alpha"], target_modules=cfg["target_modules"])
             parts[part] = export.Part(state, config, spec_from_peft(config))
-    if "unet" not in parts:
-        raise InputError(f"{path}: no unet.* keys")
+    if not set(parts) & DENOISERS:
+        raise InputError(f"{path}: no unet.* or transformer.* keys")
     return _adapter(parts, _metadata(path))
 
 
@@ -92,6 +94,8 @@ def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
         own = {k: v for k, v in tensors.items() if k.startswith(prefix)}
         if not own:
             continue
+        if part in family.kohya_names:  # the family's own naming (Flux: BFL's) -> flattened module paths
+            own = family.kohya_names[part][1](own, prefix)
         names = [n for n, _ in load_part(model_dir, part).named_modules()]
         spec = _spec_from_kohya(own, names, part)
         state = kohya.from_kohya(own, prefix, names, spec.effective_alpha, spec.rank)
@@ -99,7 +103,7 @@ def read_kohya(path: Path, model_dir: Path) -> export.TrainedAdapter:
         spec = spec.model_copy(update={"targets": sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else
                                                           k.rsplit(".", 1)[0] for k in state})})
         parts[part] = export.Part(state, peft_config(spec, {}), spec)
-    if "unet" not in parts:
+    if not set(parts) & DENOISERS:
         raise InputError(f"{path}: no lora_unet_* keys")
     return _adapter(parts, {**_metadata(path), export.FAMILY_METADATA: family.name})
 

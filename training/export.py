@@ -129,12 +129,10 @@ def write_all(adapter: TrainedAdapter, directory: Path, formats: list[str], subj
     if "diffusers" in formats and (path := write_diffusers(adapter, directory)) is not None:
         written.append(path)
     if "kohya" in formats:
-        from training import families
-        from training.kohya import write_kohya
+        from training.kohya import NoKohyaForm, write_kohya
 
-        if families.get(adapter.family).kohya_prefix:
+        try:
             written.append(write_kohya(adapter, directory / f"{subject_id}.safetensors"))
-        else:  # only the default formats reach here: validate refuses kohya named for such a family
-            log.info("subject %s: no kohya/ComfyUI file for a %s adapter yet (docs/families.md)", subject_id,
-                     adapter.family)
+        except NoKohyaForm as exc:  # only the default formats reach here: validate refuses kohya named for it
+            log.info("subject %s: no kohya/ComfyUI file for this %s adapter: %s", subject_id, adapter.family, exc)
     return written

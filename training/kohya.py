@@ -27,6 +27,11 @@ _FACTOR_NAMES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", 
                  "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
 
+class NoKohyaForm(ValueError):
+    """The adapter has no form in the family's kohya naming (Flux: a LoHa/LoKr, or a module BFL's
+    naming lacks); the other formats are still written."""
+
+
 def _split(key: str) -> tuple[str, str]:
     """peft key -> (module path, factor name in kohya/LyCORIS terms)."""
     for peft_suffix, kohya in _LORA_TO_KOHYA.items():
@@ -156,14 +161,18 @@ def drop_anchors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
 
 def write_kohya(adapter, path: Path) -> Path:
     """Write one subject's adapter (an export.TrainedAdapter) as a single kohya-style file, with
-    the key prefixes of its model family (SD: lora_unet_, lora_te_; SDXL: lora_te1_, lora_te2_)."""
+    the key prefixes of its model family (SD: lora_unet_, lora_te_; SDXL: lora_te1_, lora_te2_;
+    Flux: lora_unet_ in BFL's module naming, lora_te1_). NoKohyaForm: the adapter has none."""
     from training import families
 
-    prefixes = families.get(adapter.family).kohya_prefix
+    family = families.get(adapter.family)
+    prefixes = family.kohya_prefix
     tensors: dict[str, torch.Tensor] = {}
     anchors: list[str] = []
     for part, p in adapter.parts.items():
         own = to_kohya(p.state, prefixes[part], p.spec.effective_alpha, p.spec.rank)
+        if part in family.kohya_names:  # the family's own module naming (Flux: BFL's, with fused layers)
+            own = family.kohya_names[part][0](own, prefixes[part])
         anchors += _anchor(own, prefixes[part])
         tensors.update(own)
     spec = adapter.denoiser.spec

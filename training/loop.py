@@ -56,6 +56,8 @@ def _prompt(c: Components, text: str, train_text_encoder: bool) -> Prompt:
     ids = c.family.tokenize(c.tokenizers, [text])
     if train_text_encoder:
         return Prompt(ids, None)
+    if text in c.prompts:  # cached before a text encoder was freed
+        return Prompt(ids, c.prompts[text])
     return Prompt(ids, {k: v.float() for k, v in c.family.encode(c.text_encoders, ids).items()})
 
 
@@ -88,6 +90,15 @@ class Denoiser(torch.nn.Module):
 
     def parts(self) -> dict[str, torch.nn.Module]:
         return dict(self.named_children())
+
+    def train(self, mode: bool = True) -> "Denoiser":
+        """A part with nothing to train stays in eval mode: a frozen text encoder that runs in the
+        step (Flux's T5 beside a CLIP adapter) would otherwise apply its dropout (T5's is 0.1)."""
+        super().train(mode)
+        for part in self.children():
+            if not any(p.requires_grad for p in part.parameters()):
+                part.eval()
+        return self
 
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, conditioning: dict[str, torch.Tensor]):
         parts = self.parts()

@@ -1,9 +1,9 @@
-"""Bake a PEFT adapter (LoRA, LoHa, LoKr) into the UNet and text encoder weights (SD, SDXL).
+"""Bake a PEFT adapter (LoRA, LoHa, LoKr) into the denoiser and text encoder weights (SD, SDXL, Flux).
 
     python -m training.merge MODEL_DIR ADAPTER_DIR OUT_DIR
 
-MODEL_DIR is a diffusers pipeline directory; ADAPTER_DIR is a run's `adapter/` folder (unet/ and
-optionally text_encoder/ and, for SDXL, text_encoder_2/ in PEFT format). OUT_DIR receives a full
+MODEL_DIR is a diffusers pipeline directory; ADAPTER_DIR is a run's `adapter/` folder (unet/, or
+transformer/ for Flux, and optionally text_encoder/ and, for SDXL, text_encoder_2/ in PEFT format). OUT_DIR receives a full
 diffusers pipeline whose adapted parts carry the merged weights; every other component is copied
 unchanged.
 
@@ -28,12 +28,14 @@ ADAPTER_NAME = "default"
 
 
 def adapter_parts(adapter_dir: Path) -> list[str]:
-    """The parts the adapter folder holds (unet first); an adapter without a unet/ is not one of ours."""
+    """The parts the adapter folder holds (the denoiser first); an adapter without a unet/ or transformer/
+    is not one of ours."""
     if not adapter_dir.is_dir():
         raise InputError(f"adapter {adapter_dir} does not exist or is not a folder")
     parts = [p for p in families.PARTS if (adapter_dir / p / "adapter_config.json").exists()]
-    if "unet" not in parts:
-        raise InputError(f"adapter {adapter_dir} holds no PEFT adapter (expected unet/adapter_config.json)")
+    if not {"unet", "transformer"} & set(parts):
+        raise InputError(f"adapter {adapter_dir} holds no PEFT adapter (expected unet/ or transformer/"
+                         "adapter_config.json)")
     return parts
 
 

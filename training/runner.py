@@ -15,7 +15,7 @@ from launcher import ledger, storage
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.subjects import image_uris
 from training import adapters, cpu_attention, export, failures, lease, priors
-from training.components import Components, load_components
+from training.components import Components, cache_prompts_and_free, load_components
 from training.env import Preemption, WorkerEnv
 from training.lease import Outcome
 from training.loop import prepare_subject, subject_seed, train_subject
@@ -60,6 +60,10 @@ class Worker:
                                                      job.prior, job.train.seed, store, self.owner,
                                                      job.output.stale_after_s)
                 class_images[prompt] = uris
+        if self.c.family.free_after_caching and not self.train_te and not job.train.samples.enabled:
+            prompts = {s.instance_prompt for s in subjects}
+            prompts |= {s.class_prompt for s in subjects} if job.prior.enabled else set()
+            cache_prompts_and_free(self.c, prompts)
         torch.manual_seed(job.train.seed)
         for part, spec in self.specs.items():  # the denoiser first: the seed's draws as before text encoders existed
             adapters.attach(self.c.part(part), spec, self.c.family.targets(part), part)

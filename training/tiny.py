@@ -11,6 +11,7 @@ downloaded.
     python -m training.tiny subjects DIR --count 3 --images 4
     python -m training.tiny sd15 DIR             # SD 1.5 layer sizes, random weights (GPU benchmarks)
     python -m training.tiny sdxl DIR             # SDXL layer sizes, random weights (GPU benchmarks)
+    python -m training.tiny flux DIR             # FLUX.1-dev layer sizes (2-layer T5), bf16 random weights (GPU)
 """
 
 from __future__ import annotations
@@ -185,6 +186,26 @@ FLUX_TINY = {
 }
 
 
+# FLUX.1-dev's layer sizes (an 11.9B-parameter transformer: 19 double and 38 single blocks of width 3072,
+# its 16-channel VAE, CLIP ViT-L), random weights, for GPU speed and memory measurements. The T5
+# encoder has T5-XXL's width (4096, what the transformer reads) but 2 of its 24 layers: it runs once
+# per prompt and is freed after caching, so its depth does not enter the training step, and a
+# full one would be 19 GB of random weights to write.
+FLUX_REAL = {
+    "transformer": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                sample_size=1024, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+                use_post_quant_conv=False),
+    "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
+    "t5": dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu"),
+    "t5_max_length": 512,
+}
+FLUX_SHAPES = {"tiny": FLUX_TINY, "flux": FLUX_REAL}
+
+
 def _t5_tokenizer(max_length: int):
     """A T5 tokenizer made on the fly: a Unigram model (what T5's sentencepiece model is) over
     letters, digits and a little punctuation, with T5's special tokens, as T5TokenizerFast."""
@@ -205,16 +226,19 @@ def _t5_tokenizer(max_length: int):
                            model_max_length=max_length)
 
 
-def build_tiny_flux(directory: str | Path, seed: int = 0) -> Path:
-    """Save a random-weight Flux.1 pipeline in the diffusers layout (one double- and one
-    single-stream block); returns the directory."""
+def build_tiny_flux(directory: str | Path, seed: int = 0, shape: str = "tiny") -> Path:
+    """Save a random-weight Flux.1 pipeline in the diffusers layout (tiny: one double- and one
+    single-stream block; shape="flux": FLUX.1-dev's layer sizes, in bf16, for GPU measurements);
+    returns the directory."""
     import torch
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     directory = Path(directory)
     torch.manual_seed(seed)
-    sizes = FLUX_TINY
+    sizes = FLUX_SHAPES[shape]
+    if shape != "tiny":  # built in bf16: 24 GB of transformer weights instead of 48
+        torch.set_default_dtype(torch.bfloat16)
     tokenizer = _tokenizer(directory / "tokenizer")
     tokenizer_2 = _t5_tokenizer(sizes["t5_max_length"])
     t5 = T5Config(vocab_size=len(tokenizer_2), pad_token_id=tokenizer_2.pad_token_id,
@@ -224,6 +248,7 @@ def build_tiny_flux(directory: str | Path, seed: int = 0) -> Path:
         vae=AutoencoderKL(**sizes["vae"]), text_encoder=CLIPTextModel(_text_config(tokenizer, sizes["text"])),
         tokenizer=tokenizer, text_encoder_2=T5EncoderModel(t5), tokenizer_2=tokenizer_2,
         transformer=FluxTransformer2DModel(**sizes["transformer"]))
+    torch.set_default_dtype(torch.float32)
     pipe.save_pretrained(directory)
     return directory
 
@@ -264,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
     big.add_argument("directory")
     xl = sub.add_parser("sdxl", help="build an SDXL-shaped random-weight model (for GPU benchmarks)")
     xl.add_argument("directory")
+    fx = sub.add_parser("flux", help="build a FLUX.1-shaped random-weight model (for GPU benchmarks; 24 GB)")
+    fx.add_argument("directory")
     s = sub.add_parser("subjects", help="write synthetic subject image folders")
     s.add_argument("directory")
     s.add_argument("--count", type=int, default=3)
@@ -280,6 +307,8 @@ def main(argv: list[str] | None = None) -> None:
         print(build_tiny_model(args.directory, shape="sd15"))
     elif args.what == "sdxl":
         print(build_tiny_sdxl(args.directory, shape="sdxl"))
+    elif args.what == "flux":
+        print(build_tiny_flux(args.directory, shape="flux"))
     else:
         for i in range(args.count):
             print(write_subject_images(Path(args.directory) / f"subject-{i}", i, args.images))

@@ -20,8 +20,12 @@ A family says:
   for a DiT family);
 - `pipeline(components)` -> the inference pipeline for class images and samples, and
   `sampler(scheduler_config)` -> the scheduler it samples with;
-- `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes;
-- `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another.
+- `targets(part)` -> the adapter target presets of a part; `kohya_prefix` -> export key prefixes
+  and `kohya_names` -> a part's own kohya module naming (Flux's BFL names);
+- `vae_dtype(frozen, separate_vae)` -> the VAE's dtype where the family's VAE needs another;
+- `quantized_blocks` -> the denoiser's submodules whose linear layers `model.quantize` holds in
+  8/4-bit (none: refused at validate), and `free_after_caching` -> the frozen text encoders dropped
+  once every prompt's conditioning is cached (Flux: T5).
 
 `for_model(cfg, path, train)` picks the family from the model's files (launcher.families.detect) or
 `model.family`. Adding a family is adding one module here and its tiny model in training.tiny.
@@ -48,6 +52,11 @@ class Family(Protocol):
     tokenizer_classes: dict[str, str]  # text encoder part -> "library:Class" of its tokenizer
     scheduler: str  # "library:Class" of the training noise scheduler (scheduler/)
     kohya_prefix: dict[str, str]  # part -> kohya/A1111/ComfyUI key prefix
+    # part -> (write, read): the family's own kohya module naming, from and to the flattened paths
+    # kohya.to_kohya writes (Flux: BFL's, with fused layers); absent: the flattened paths themselves
+    kohya_names: dict[str, tuple]
+    quantized_blocks: tuple[str, ...]  # the denoiser's submodules whose linear layers model.quantize holds in 8/4-bit
+    free_after_caching: tuple[str, ...]  # frozen text encoders dropped once every prompt is encoded (no samples)
 
     def configure(self, train) -> "Family": ...
 
@@ -109,10 +118,11 @@ def for_model(cfg: ModelConfig | None, path: str | Path, train=None) -> Family:
 
 def of_adapter(parts, metadata: dict[str, str]) -> str:
     """The family of an adapter read from a file or folder: its header's dreamfleet_family where
-    it has one, else what its parts show (a second text encoder is SDXL's)."""
+    it has one, else what its parts show (a transformer is Flux's, a second text encoder SDXL's)."""
     from training.export import FAMILY_METADATA
 
-    return metadata.get(FAMILY_METADATA) or ("sdxl" if "text_encoder_2" in parts else "sd")
+    shown = "flux" if "transformer" in parts else "sdxl" if "text_encoder_2" in parts else "sd"
+    return metadata.get(FAMILY_METADATA) or shown
 
 
 def _json(path: Path) -> dict | None:

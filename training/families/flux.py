@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from training.families import sd
+from training.families import flux_kohya, sd
 
 TIMESTEP_SCALE = 1000.0  # FluxPipeline calls the transformer with timestep / 1000
 
@@ -78,9 +78,12 @@ class Flux:
     tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer", "text_encoder_2": "transformers:T5TokenizerFast"}
     scheduler = "diffusers:FlowMatchEulerDiscreteScheduler"
-    # no kohya/ComfyUI file yet: diffusers' Flux converter reads lora_unet_ keys only in BFL's own
-    # naming (double_blocks_N_img_attn_qkv: q, k, v fused), not flattened diffusers module names
-    kohya_prefix: dict[str, str] = {}
+    # ComfyUI, Forge and diffusers' Flux converter read lora_unet_ keys in BFL's own module naming
+    # (double_blocks_N_img_attn_qkv: q, k, v fused), not flattened diffusers paths: flux_kohya maps them
+    kohya_prefix = {"transformer": "lora_unet_", "text_encoder": "lora_te1_"}
+    kohya_names = {"transformer": (flux_kohya.to_bfl, flux_kohya.from_bfl)}
+    quantized_blocks = ("transformer_blocks", "single_transformer_blocks")  # model.quantize: int8 | nf4
+    free_after_caching = ("text_encoder_2",)  # T5 (4.7B parameters), once every prompt's conditioning is cached
 
     def __init__(self, guidance: float = 3.5, weighting_scheme: str = "none", logit_mean: float = 0.0,
                  logit_std: float = 1.0):
@@ -115,7 +118,7 @@ class Flux:
         b, _, h, w = noisy.shape
         text = conditioning["encoder_hidden_states"]
         guidance = None
-        if denoiser.config.guidance_embeds:
+        if getattr(denoiser, "module", denoiser).config.guidance_embeds:  # DDP wraps the transformer as .module
             guidance = torch.full((b,), self.guidance, device=noisy.device, dtype=torch.float32)
         out = denoiser(hidden_states=pack(noisy), timestep=timesteps / TIMESTEP_SCALE, guidance=guidance,
                        pooled_projections=conditioning["pooled_projections"], encoder_hidden_states=text,

@@ -30,6 +30,9 @@ class StableDiffusion:
     tokenizers = {"text_encoder": "tokenizer"}
     tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer"}
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    kohya_names: dict = {}  # flattened module paths, as kohya.to_kohya writes them
+    quantized_blocks: tuple[str, ...] = ()  # model.quantize is refused at validate
+    free_after_caching: tuple[str, ...] = ()  # the text encoders stay loaded
     scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)

@@ -25,6 +25,9 @@ class StableDiffusionXL:
     tokenizers = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
     tokenizer_classes = {"text_encoder": "transformers:CLIPTokenizer", "text_encoder_2": "transformers:CLIPTokenizer"}
     kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    kohya_names: dict = {}  # flattened module paths, as kohya.to_kohya writes them
+    quantized_blocks: tuple[str, ...] = ()  # model.quantize is refused at validate
+    free_after_caching: tuple[str, ...] = ()  # the text encoders stay loaded
     scheduler = "diffusers:DDPMScheduler"
     draw_timesteps = staticmethod(ddpm.draw_timesteps)
     noisy_and_target = staticmethod(ddpm.noisy_and_target)
