@@ -12,6 +12,7 @@ import logging
 import re
 
 from launcher import storage
+from launcher.captions import CAPTION_SUFFIX
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError, InputError, StorageError
 from launcher.manifest import load_manifest, where
@@ -37,7 +38,9 @@ def image_uris(subject: Subject) -> list[str]:
         return list(subject.images)
     folder = subject.images
     names = storage.list_names(folder)
-    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    stems = {n.rsplit(".", 1)[0] for n in names if n.lower().endswith(IMAGE_SUFFIXES)}
+    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+               and not (n.lower().endswith(CAPTION_SUFFIX) and n[: -len(CAPTION_SUFFIX)] in stems)]  # captions
     if skipped:
         shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
         log.warning("subject %s: %d file(s) in %s skipped, not images (%s): %s", subject.id, len(skipped),
