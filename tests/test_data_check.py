@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
