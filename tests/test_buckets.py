@@ -123,3 +123,50 @@ def test_a_pack_of_bucketed_subjects_equals_single_runs(runs):
         worst = max((alone[k] - packed[k]).abs().max().item() for k in alone)
         assert worst < ATOL, f"{sid}: max abs difference {worst}"
         assert any(packed[k].abs().max() > 0 for k in packed if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_ddp_with_buckets_and_captions_equals_one_process(tiny_model, tmp_path):
+    """Both ranks draw the same bucket each step (from the subject's generator), so 2 DDP ranks of
+    batch 1 train the adapter of one process of batch 2 (eps=1.0 as in tests/test_distributed.py)."""
+    folder = _mixed_subject(tmp_path / "m", 5)
+    for name, caption in (("portrait", "standing"), ("wide", "lying down"), ("square", "sitting")):
+        (folder / f"{name}.txt").write_text(caption)
+    subjects = [{"id": "m", "images": str(folder), "instance_prompt": "sks toy"}]
+    train = {**BUCKETED, "steps": 4, "eps": 1.0, "learning_rate": 0.5, "prompt_template": "{instance}, {caption}"}
+    out = tmp_path / "out"
+    one = run_worker(write_job(tmp_path / "one.yaml", job_dict(tiny_model, subjects, out, name="one",
+                                                              train={**train, "batch_size": 2})))
+    assert one.returncode == 0, one.stderr[-3000:]
+    ddp = run_worker(write_job(tmp_path / "ddp.yaml", job_dict(tiny_model, subjects, out, name="ddp",
+                                                              train={**train, "batch_size": 1},
+                                                              distributed={"strategy": "ddp", "nproc_per_node": 2})),
+                     nproc=2)
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    a, b = _adapter(out, "one", "m"), _adapter(out, "ddp", "m")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)
+
+
+def test_sdxl_trains_buckets_with_the_size_ids_of_their_real_crops(tiny_sdxl, tmp_path):
+    from launcher.config import job_from_dict
+    from launcher.subjects import image_uris, resolve_subjects
+    from training.components import load_components
+    from training.loop import diffusion_loss, draw_batch, prepare_subject, training_model
+
+    folder = _mixed_subject(tmp_path / "x", 3)
+    job = job_from_dict(job_dict(tiny_sdxl, [{"id": "x", "images": str(folder), "instance_prompt": "sks toy"}],
+                                 tmp_path / "out", train={**BUCKETED, "batch_size": 2}))
+    c = load_components(job.model, torch.device("cpu"))
+    [subject] = resolve_subjects(job)
+    data = prepare_subject(c, job, subject, image_uris(subject), None, False)
+    # (original h, w, crop top, left, target h, w) of each image: 30x40 -> 24x32 (scaled 0.8, no overhang),
+    # 64x36 -> 40x24 (scaled to 43x24, 1 px off the left), 40x40 -> 32x32
+    ids = sorted(tuple(cache.crops[0].tolist()) for cache in data.instance)
+    assert ids == [(36.0, 64.0, 0.0, 1.0, 24.0, 40.0), (40.0, 30.0, 0.0, 0.0, 32.0, 24.0), (40.0, 40.0, 0.0, 0.0, 32.0, 32.0)]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        batch = draw_batch(c, job, data, gen)
+        h, w = batch.latents.shape[2:]
+        assert batch.conditioning["time_ids"][:, 4:].tolist() == [[2.0 * h, 2.0 * w]] * 2  # the VAE halves each side
+    assert torch.isfinite(diffusion_loss(c, job, data, gen, training_model(c, job), lambda: torch.autocast("cpu", enabled=False)))
