@@ -99,12 +99,17 @@ def check_subject(subject: Subject, template: str = "{instance}", min_side: int 
     images = storage.redact(str(subject.images))
     listed = None
     try:
+        names = None
         if isinstance(subject.images, str):
-            if problem := _folder_problem(subject.images):
+            # a remote folder is listed first (one request; only an empty listing asks whether it
+            # exists); a local one is looked at first (a broken link lists as empty)
+            names = storage.list_names(subject.images) if not storage.is_local(subject.images) else None
+            if not names and (problem := _folder_problem(subject.images)):
                 report.problems.append(problem)
                 return report
-            listed = set(storage.list_names(subject.images))
-        uris = image_uris(subject)
+            names = storage.list_names(subject.images) if names is None else names
+            listed = set(names)
+        uris = image_uris(subject, names)
         if not uris and isinstance(subject.images, str) and _is_file(subject.images):
             report.problems.append(f"images {images} is a file, not a folder: name image files in a list "
                                    f"(images: [{images}])")

@@ -31,12 +31,13 @@ def resolve_subjects(job: JobConfig) -> list[Subject]:
     return subjects
 
 
-def image_uris(subject: Subject) -> list[str]:
-    """The subject's image files: the listed ones, or the image files of its folder."""
+def image_uris(subject: Subject, names: list[str] | None = None) -> list[str]:
+    """The subject's image files: the listed ones, or the image files of its folder (`names`: its
+    listing, where the caller has it)."""
     if isinstance(subject.images, list):
         return list(subject.images)
     folder = subject.images
-    names = storage.list_names(folder)
+    names = storage.list_names(folder) if names is None else names
     stems = {n.rsplit(".", 1)[0] for n in names if n.lower().endswith(IMAGE_SUFFIXES)}
     skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
                and not (n.lower().endswith(CAPTION_SUFFIX) and n[: -len(CAPTION_SUFFIX)] in stems)]  # captions
