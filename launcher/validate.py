@@ -85,6 +85,9 @@ def notes_for(job: JobConfig) -> list[str]:
     if t.compile:
         notes.append("train.compile: a worker's first subject waits for the compile (minutes on CPU); put "
                      "TORCHINDUCTOR_CACHE_DIR on persistent storage so later runs reuse it")
+    if t.compile and t.buckets:
+        notes.append("train.compile with train.buckets: the UNet compiles once for each bucket shape a subject "
+                     "draws (a few shapes per subject; dynamic shapes are not used)")
     return notes
 
 

@@ -170,3 +170,13 @@ def test_sdxl_trains_buckets_with_the_size_ids_of_their_real_crops(tiny_sdxl, tm
         h, w = batch.latents.shape[2:]
         assert batch.conditioning["time_ids"][:, 4:].tolist() == [[2.0 * h, 2.0 * w]] * 2  # the VAE halves each side
     assert torch.isfinite(diffusion_loss(c, job, data, gen, training_model(c, job), lambda: torch.autocast("cpu", enabled=False)))
+
+
+def test_a_bucket_step_that_does_not_divide_the_resolution_names_the_keys(tmp_path):
+    from launcher.config import job_from_dict
+    from launcher.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        job_from_dict(job_dict("/m", [{"id": "a", "images": "/x", "instance_prompt": "p"}], tmp_path,
+                               train={"buckets": True, "bucket_step": 48, "resolution": 512}))
+    assert any("train.bucket_step 48 must divide train.resolution 512" in p for p in err.value.problems), err.value.problems

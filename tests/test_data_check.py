@@ -119,3 +119,13 @@ def test_a_thousand_subjects_on_s3_are_checked_concurrently(s3, capsys):
     assert sum(len(r.images) for r in reports) == 2000
     assert 1 < s3["proxy"].peak_in_flight <= 2 * PARALLEL
     assert "checked 1000/1000 subject(s)" in capsys.readouterr().err  # the progress, off a terminal
+
+
+def test_compile_with_buckets_says_it_compiles_per_shape():
+    from launcher.config import job_from_dict
+    from launcher.validate import notes_for
+
+    job = job_from_dict(job_dict("/m", [{"id": "a", "images": "/x", "instance_prompt": "p"}], "/o",
+                                 train={"compile": True, "buckets": True, "resolution": 512}))
+    assert any(n.startswith("train.compile with train.buckets: the UNet compiles once for each bucket shape")
+               for n in notes_for(job))
