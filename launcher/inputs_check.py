@@ -149,8 +149,10 @@ def check_subject(subject: Subject, template: str = "{instance}", min_side: int 
         else:
             seen[digest] = name
         if need_captions:
-            caption, why = (mapped.get(uri) or mapped.get(uri.rsplit("/", 1)[-1]), None) if uri not in sidecars \
-                else sidecars[uri].result()
+            if uri in sidecars:
+                caption, why = sidecars[uri].result()
+            else:
+                caption, why = mapped.get(uri) or mapped.get(uri.rsplit("/", 1)[-1]), None
             if why:
                 report.problems.append(why)
             elif not (caption and caption.strip()):
