@@ -126,9 +126,10 @@ def test_a_pack_of_bucketed_subjects_equals_single_runs(runs):
 
 
 @pytest.mark.slow
-def test_ddp_with_buckets_and_captions_equals_one_process(tiny_model, tmp_path):
-    """Both ranks draw the same bucket each step (from the subject's generator), so 2 DDP ranks of
-    batch 1 train the adapter of one process of batch 2 (eps=1.0 as in tests/test_distributed.py)."""
+def test_ddp_and_zero2_with_buckets_and_captions_equal_one_process(tiny_model, tmp_path):
+    """Both ranks draw the same bucket each step (from the subject's generator), so 2 DDP ranks,
+    or 2 ZeRO-2 ranks, of batch 1 train the adapter of one process of batch 2 (eps=1.0 as in
+    tests/test_distributed.py)."""
     folder = _mixed_subject(tmp_path / "m", 5)
     for name, caption in (("portrait", "standing"), ("wide", "lying down"), ("square", "sitting")):
         (folder / f"{name}.txt").write_text(caption)
@@ -143,9 +144,17 @@ def test_ddp_with_buckets_and_captions_equals_one_process(tiny_model, tmp_path):
                                                               distributed={"strategy": "ddp", "nproc_per_node": 2})),
                      nproc=2)
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    a, b = _adapter(out, "one", "m"), _adapter(out, "ddp", "m")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)
+    zero = run_worker(write_job(tmp_path / "zero.yaml", job_dict(tiny_model, subjects, out, name="zero",
+                                                                train={**train, "batch_size": 1},
+                                                                distributed={"strategy": "deepspeed", "zero_stage": 2,
+                                                                             "nproc_per_node": 2})),
+                      nproc=2)
+    assert zero.returncode == 0, zero.stderr[-4000:]
+    a = _adapter(out, "one", "m")
+    for name in ("ddp", "zero"):
+        b = _adapter(out, name, "m")
+        assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5, name
+        assert any(b[k].abs().max() > 0 for k in b if "lora_B" in k)
 
 
 def test_sdxl_trains_buckets_with_the_size_ids_of_their_real_crops(tiny_sdxl, tmp_path):
