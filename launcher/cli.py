@@ -95,17 +95,36 @@ def _load(job_file: Path, overrides: Optional[List[str]], read_subjects: bool = 
 @app.command()
 @user_errors
 def validate(job_file: Path = JobArg, overrides: Optional[List[str]] = OverridesArg,
-             inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Also check the model and the subjects' images.")):
+             inputs: bool = typer.Option(True, "--inputs/--no-inputs", help="Also check the model and the subjects' images (the fleet data check, docs/fleet.md)."),
+             as_json: bool = typer.Option(False, "--json", help="Print the data check as JSON: per subject the images it trains on, its problems and warnings."),
+             min_side: int = typer.Option(8, "--min-side", min=1, help="Smallest image side in pixels that is not a problem.")):
     """Check a job file and the inputs it names; list every problem at once."""
+    import json
+
     from launcher.errors import InputError
-    from launcher.validate import check_job
+    from launcher.inputs_check import as_json as report_json, summary
+    from launcher.validate import check_data, check_job
 
     job, subjects = _load(job_file, overrides, read_subjects=inputs)
-    errors, notes = check_job(job, check_inputs=inputs)
+    if inputs:
+        found = check_data(job, subjects, min_side, progress=True)
+        errors, warnings, notes = found.errors, found.warnings, found.notes
+    else:
+        (errors, notes), warnings, found = check_job(job, check_inputs=False), [], None
     for note in notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    if as_json:
+        report = report_json(found.reports, found.seconds) if found else {"subjects": []}
+        typer.echo(json.dumps({**report, "errors": errors, "warnings": warnings}, indent=1))
+    else:
+        for warning in warnings:
+            typer.secho(f"warning: {warning}", fg=typer.colors.YELLOW, err=True)
+        if found:
+            typer.echo(summary(found.reports, found.seconds))
     if errors:
         raise InputError(f"{job_file}: {len(errors)} problem(s) with the inputs", errors)
+    if as_json:
+        return
     count = f"{len(subjects)} subject(s)" if subjects or inputs else f"subjects from {job.subjects}"
     typer.echo(f"{job_file}: ok ({count}, adapter {job.adapter.type} rank {job.adapter.rank}, "
                f"strategy {job.distributed.strategy}, {job.distributed.nnodes}x{job.distributed.nproc_per_node} processes)")

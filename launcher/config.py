@@ -273,6 +273,10 @@ class TrainConfig(Section):
     pack: int | Literal["auto"] = Field(1, description="Subjects trained together in one batch on one frozen base (1: one at a time; 'auto' on GPU picks from free memory).")
     compile: bool = Field(False, description="torch.compile the UNet after a one-time compile (later runs reuse TORCHINDUCTOR_CACHE_DIR). Meant for GPUs; on CPU at the tiny model's shape it measured no faster (benchmarks/RESULTS.md).")
     attention: Literal["auto", "sdpa"] = Field("auto", description="'auto': on CPU, attention with heads of up to 8 channels runs dreamfleet's fused kernel (built with the system C compiler on first use; SDPA without one), elsewhere PyTorch SDPA. 'sdpa': SDPA everywhere.")
+    prompt_template: str = Field("{instance}", description="Training prompt of each image: '{instance}' is the subject's instance prompt, '{caption}' the image's caption (a sidecar .txt or the manifest's captions); a template with '{caption}' needs a caption for every image.")
+    caption_dropout: float = Field(0.0, ge=0, lt=1, description="Probability that an instance image trains with the empty prompt instead of its own (for classifier-free guidance); 0 keeps every prompt.")
+    buckets: bool = Field(False, description="Aspect-ratio buckets: each image is resized without distortion to the bucket (sides multiples of train.bucket_step, area at most resolution squared) nearest its aspect ratio, and each step draws its batch from one bucket; off: every image is square-cropped.")
+    bucket_step: int = Field(64, gt=0, description="Side multiple of the aspect-ratio buckets in pixels (train.buckets); must divide train.resolution.")
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="Validation images rendered after training.")
 
     @field_validator("pack")
@@ -281,6 +285,22 @@ class TrainConfig(Section):
         if isinstance(value, int) and value < 1:
             raise ValueError(f"must be >= 1 or 'auto', got {value}")
         return value
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _known_placeholders(cls, value: str) -> str:
+        from launcher.captions import template_problem
+
+        if problem := template_problem(value):
+            raise ValueError(problem)
+        return value
+
+    @model_validator(mode="after")
+    def _bucket_step_divides(self):
+        if self.buckets and self.resolution % self.bucket_step:
+            raise ValueError(f"train.bucket_step {self.bucket_step} must divide train.resolution {self.resolution} "
+                             "(the square bucket is resolution x resolution)")
+        return self
 
 
 class PriorConfig(Section):
@@ -302,6 +322,7 @@ class Subject(Section):
     class_prompt: str | None = Field(None, description="Class prompt for prior preservation, e.g. 'a photo of a dog'.")
     steps: int | None = Field(None, gt=0, description="Per-subject override of train.steps.")
     learning_rate: float | None = Field(None, gt=0, description="Per-subject override of train.learning_rate.")
+    captions: dict[str, str] | None = Field(None, description="Per-image captions: image file name (or its path/URI as listed) -> caption; they take precedence over sidecar .txt files.")
 
     @field_validator("id")
     @classmethod

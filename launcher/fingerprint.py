@@ -65,7 +65,9 @@ def digest(values: dict[str, Any]) -> str:
 # settings added after fingerprints were first recorded, with the value every earlier run had: a
 # record without them was trained so, and must not read as changed
 ADDED = {"model.family": "auto", "model.vae": None, "model.quantize": "none", "adapter.text_encoder_2": None, "train.guidance": 3.5,
-         "train.weighting_scheme": "none", "train.logit_mean": 0.0, "train.logit_std": 1.0}
+         "train.weighting_scheme": "none", "train.logit_mean": 0.0, "train.logit_std": 1.0,
+         "train.prompt_template": "{instance}", "train.caption_dropout": 0.0, "train.buckets": False,
+         "train.bucket_step": 64}
 
 
 def differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:

@@ -95,7 +95,7 @@ def record_invalid(job, subjects) -> dict[str, list[str]]:
     Returns {id: problems}."""
     from launcher.subjects import check_subjects
 
-    bad = check_subjects(subjects)
+    bad = check_subjects(subjects, job.train.prompt_template)
     for sid, problems in bad.items():
         status = ledger.read_status(job.job_uri, sid) or SubjectStatus(id=sid)
         if status.state == "done":

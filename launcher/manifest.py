@@ -108,6 +108,11 @@ def _csv_rows(text: str) -> tuple[list[tuple[str, Any]], list[str]]:
                 if problem:
                     problems.append(f"row {n}: images: {problem}")
                     continue
+            if isinstance(row.get("captions"), str):
+                row["captions"], problem = _csv_captions(row["captions"])
+                if problem:
+                    problems.append(f"row {n}: captions: {problem}")
+                    continue
             rows.append((f"row {n}", row))
     except csv.Error as exc:
         limit = csv.field_size_limit()
@@ -130,6 +135,17 @@ def _csv_images(cell: str) -> tuple[Any, str | None]:
     return cell, None
 
 
+def _csv_captions(cell: str) -> tuple[Any, str | None]:
+    """A CSV `captions` cell: a JSON object of image file name -> caption; (value, problem)."""
+    try:
+        value = json.loads(cell)
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        return None, f"{_short(cell)} is not a JSON object of image name -> caption"
+    if not isinstance(value, dict):
+        return None, f"must be a JSON object of image name -> caption, got {JSON_TYPES.get(type(value), '?')}"
+    return value, None
+
+
 def _short(text: str, limit: int = 60) -> str:
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -148,7 +164,7 @@ def _row_problems(row: Any) -> tuple[Subject | None, list[str]]:
     """The row as a Subject, or what is wrong with it (with the Subject's keys, not the job's)."""
     if not isinstance(row, dict):
         return None, [f"must be an object with the keys {ROW_KEYS} (and optionally class_prompt, steps, "
-                      f"learning_rate), got {JSON_TYPES.get(type(row), type(row).__name__)}"]
+                      f"learning_rate, captions), got {JSON_TYPES.get(type(row), type(row).__name__)}"]
     try:
         return Subject.model_validate(row), []
     except ValidationError as exc:

@@ -30,6 +30,7 @@ MANIFEST = "MANIFEST.json"
 
 RETRY_ATTEMPTS = int(os.environ.get("DREAMFLEET_STORAGE_ATTEMPTS", "6"))
 RETRY_BASE_S = float(os.environ.get("DREAMFLEET_STORAGE_BACKOFF_S", "0.5"))
+S3_CONNECTIONS = 32  # launcher.inputs_check.PARALLEL reads at once share one client
 S3_CONNECT_TIMEOUT_S = 10  # object stores answer in milliseconds; a black-holed endpoint should not take minutes
 _TRANSIENT_MARKERS = ("503", "500", "502", "504", "SlowDown", "Throttl", "RequestTimeout", "InternalError",
                       "ServiceUnavailable", "reset by peer", "Connection reset", "timed out", "Server disconnected",
@@ -91,7 +92,8 @@ def _storage_options(uri: str) -> dict[str, Any]:
         kwargs["use_listings_cache"] = False
         # call() retries with backoff; botocore's own legacy retries (5 attempts, ~8 s) under each
         # of its attempts made a refused endpoint take 70 s to report, a black-holed one 6 min
-        config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S}
+        # as many pooled connections as the data check has reads in flight (botocore's default: 10)
+        config: dict[str, Any] = {"connect_timeout": S3_CONNECT_TIMEOUT_S, "max_pool_connections": S3_CONNECTIONS}
         if not (os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")):
             config["retries"] = {"total_max_attempts": 2, "mode": "standard"}
         kwargs["config_kwargs"] = config

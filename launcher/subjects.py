@@ -7,11 +7,11 @@ and returns a problem list per subject id, so that all problems are reported at 
 
 from __future__ import annotations
 
-import io
 import logging
 import re
 
 from launcher import storage
+from launcher.captions import CAPTION_SUFFIX
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError, InputError, StorageError
 from launcher.manifest import load_manifest, where
@@ -31,13 +31,16 @@ def resolve_subjects(job: JobConfig) -> list[Subject]:
     return subjects
 
 
-def image_uris(subject: Subject) -> list[str]:
-    """The subject's image files: the listed ones, or the image files of its folder."""
+def image_uris(subject: Subject, names: list[str] | None = None) -> list[str]:
+    """The subject's image files: the listed ones, or the image files of its folder (`names`: its
+    listing, where the caller has it)."""
     if isinstance(subject.images, list):
         return list(subject.images)
     folder = subject.images
-    names = storage.list_names(folder)
-    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")]
+    names = storage.list_names(folder) if names is None else names
+    stems = {n.rsplit(".", 1)[0] for n in names if n.lower().endswith(IMAGE_SUFFIXES)}
+    skipped = [n for n in names if not n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith(".")
+               and not (n.lower().endswith(CAPTION_SUFFIX) and n[: -len(CAPTION_SUFFIX)] in stems)]  # captions
     if skipped:
         shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
         log.warning("subject %s: %d file(s) in %s skipped, not images (%s): %s", subject.id, len(skipped),
@@ -57,20 +60,9 @@ def too_large(exc: Exception) -> str:
 
 def check_image_bytes(data: bytes) -> str | None:
     """None if the bytes decode as an image, else why not."""
-    from PIL import Image, UnidentifiedImageError
+    from launcher.inputs_check import inspect_image
 
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.width < 8 or img.height < 8:
-                return f"is only {img.width}x{img.height} pixels"
-    except UnidentifiedImageError:
-        return "is not an image"
-    except Image.DecompressionBombError as exc:  # not an OSError: it would end the whole check
-        return too_large(exc)
-    except (OSError, SyntaxError, ValueError) as exc:
-        return f"cannot be decoded ({exc})"
-    return None
+    return inspect_image(data)
 
 
 def _unreadable(exc: StorageError) -> str | None:
@@ -104,38 +96,19 @@ def _is_file(uri: str) -> bool:
     return storage.call(uri, "check", lambda: fs.isfile(path))
 
 
-def check_subject(subject: Subject) -> list[str]:
+def check_subject(subject: Subject, template: str = "{instance}") -> list[str]:
     """Every problem with one subject's images (empty list: it can train). A path that cannot be
     read is this subject's problem: the other subjects are still checked."""
-    images = storage.redact(str(subject.images))
-    try:
-        if isinstance(subject.images, str) and (problem := _folder_problem(subject.images)):
-            return [problem]
-        uris = image_uris(subject)
-        if not uris and isinstance(subject.images, str) and _is_file(subject.images):
-            return [f"images {images} is a file, not a folder: name image files in a list (images: [{images}])"]
-    except StorageError as exc:
-        if (why := _unreadable(exc)) is None:
-            raise
-        return [f"image folder {images} {why}"]
-    if not uris:
-        return [f"image folder {images} holds no images ({', '.join(IMAGE_SUFFIXES)})"]
-    problems = []
-    for uri in uris:
-        try:
-            why = check_image_bytes(storage.read_bytes(uri))
-        except FileNotFoundError:
-            why = "does not exist"
-        except StorageError as exc:
-            if (why := _unreadable(exc)) is None:
-                raise
-        if why:
-            problems.append(f"{storage.redact(uri)} {why}")
-    return problems
+    from launcher.inputs_check import check_subject as check
+
+    return check(subject, template).problems
 
 
-def check_subjects(subjects: list[Subject]) -> dict[str, list[str]]:
-    return {s.id: problems for s in subjects if (problems := check_subject(s))}
+def check_subjects(subjects: list[Subject], template: str = "{instance}") -> dict[str, list[str]]:
+    """{id: problems} of the subjects that cannot train, read concurrently (launcher.inputs_check)."""
+    from launcher.inputs_check import check_inputs
+
+    return {r.id: r.problems for r in check_inputs(subjects, template) if r.problems}
 
 
 def require_valid(subjects: list[Subject]) -> None:

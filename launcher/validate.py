@@ -4,9 +4,13 @@ explain a choice the tool makes (never a silent fallback)."""
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
+
 from launcher import families, storage
-from launcher.config import JobConfig
+from launcher.config import JobConfig, Subject
 from launcher.errors import StorageError
+from launcher.inputs_check import MIN_SIDE, SubjectReport, check_inputs
 from launcher.subjects import check_subjects, resolve_subjects
 
 HUB_FAMILY = ("model.source: {source} is a Hub repo id, whose files are read only when a worker downloads it: "
@@ -112,6 +116,9 @@ def notes_for(job: JobConfig) -> list[str]:
     if t.compile:
         notes.append("train.compile: a worker's first subject waits for the compile (minutes on CPU); put "
                      "TORCHINDUCTOR_CACHE_DIR on persistent storage so later runs reuse it")
+    if t.compile and t.buckets:
+        notes.append("train.compile with train.buckets: the UNet compiles once for each bucket shape a subject "
+                     "draws (a few shapes per subject; dynamic shapes are not used)")
     return notes
 
 
@@ -191,5 +198,28 @@ def check_job(job: JobConfig, check_inputs: bool = True) -> tuple[list[str], lis
     if check_inputs:
         errors += check_model(job)
         subjects = resolve_subjects(job)
-        errors += [f"subject {sid}: {p}" for sid, problems in check_subjects(subjects).items() for p in problems]
+        errors += [f"subject {sid}: {p}" for sid, problems in check_subjects(subjects, job.train.prompt_template).items()
+                   for p in problems]
     return errors, notes_for(job)
+
+
+@dataclass
+class DataCheck:
+    """What `launcher validate` found: errors stop the job, warnings do not; `reports` per subject."""
+
+    errors: list[str]
+    warnings: list[str]
+    notes: list[str]
+    reports: list[SubjectReport]
+    seconds: float
+
+
+def check_data(job: JobConfig, subjects: list[Subject], min_side: int = MIN_SIDE, progress: bool = False) -> DataCheck:
+    """The job's settings, its model, and the fleet data check of every subject (launcher.inputs_check)."""
+    errors = unsupported(job) + check_model(job)
+    started = time.perf_counter()
+    reports = check_inputs(subjects, job.train.prompt_template, min_side, progress=progress)
+    seconds = time.perf_counter() - started
+    errors += [f"subject {r.id}: {p}" for r in reports for p in r.problems]
+    warnings = [f"subject {r.id}: {w}" for r in reports for w in r.warnings]
+    return DataCheck(errors, warnings, notes_for(job), reports, seconds)

@@ -37,6 +37,16 @@ def test_packed_step_benchmark_runs_and_counts_flops_per_pack(shape):
     assert rows[1]["vs_K1"] > 0
 
 
+def test_bucketed_pack_benchmark_runs_its_three_cases_at_their_bucket_shapes():
+    proc = subprocess.run([sys.executable, "benchmarks/buckets_pack.py", "--resolution", "32", "--step", "8",
+                           "--steps", "1", "--reps", "1"],
+                          cwd=REPO, env=worker_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "'p1': [(4, 16, 12)]" in proc.stdout and "'l1': [(4, 12, 20)]" in proc.stdout, proc.stdout
+    for case in ("same-shape pack", "mixed-shape pack", "single runs"):
+        assert case in proc.stdout and "subject-steps/s" in proc.stdout
+
+
 def test_zero2_benchmark_runs_both_configurations():
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
                            "benchmarks/zero_gpu.py", "--device", "cpu", "--shape", "tiny", "--steps", "1", "--warmup", "1"],

@@ -194,3 +194,30 @@ def test_a_credential_in_the_job_renders_nothing_and_is_not_echoed(make_job, tmp
     assert "cluster.env.DB_PASS: holds a credential" in said and "cluster.kubernetes.credentials_secret" in said
     assert "planted-pass-7c1d" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists() and not (tmp_path / "out").exists()
+
+
+CLI_SURFACE = {  # every command and its options: the surface grows only on purpose (update this with it)
+    "cancel": ["--backend", "--namespace", "-b", "-n"],
+    "convert": ["--model", "--to"],
+    "demo": ["--job"],
+    "logs": ["--backend", "--job-id", "--lines", "-b", "-n"],
+    "merge": [],
+    "render": ["--backend", "--out", "-b", "-o"],
+    "report": ["--out", "-o"],
+    "retry-failed": [],
+    "status": ["--all", "--json"],
+    "submit": ["--backend", "--dry-run", "--force-new", "--inputs", "--no-inputs", "--out", "--skip-invalid", "-b", "-o"],
+    "validate": ["--inputs", "--json", "--min-side", "--no-inputs"],
+    "version": [],
+}
+
+
+def test_the_cli_surface_is_pinned():
+    import typer
+
+    from launcher.cli import app
+
+    commands = typer.main.get_command(app).commands
+    surface = {name: sorted(o for p in c.params if p.param_type_name == "option" for o in p.opts + p.secondary_opts)
+               for name, c in commands.items()}
+    assert surface == CLI_SURFACE

@@ -130,7 +130,7 @@ def test_a_manifest_row_lists_the_subject_keys(tmp_path, img):
     path = tmp_path / "subjects.jsonl"
     path.write_bytes(_jsonl(_row(img, colour="red")))
     [_, problem] = _problems(path)
-    assert problem.startswith("row 1: colour: unknown key; valid keys here: class_prompt, id, images,")
+    assert problem.startswith("row 1: colour: unknown key; valid keys here: captions, class_prompt, id, images,")
     assert "adapter" not in problem
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -66,17 +67,17 @@ class Crop:
 
     original: tuple[int, int]  # (height, width) of the decoded image
     top_left: tuple[int, int]  # (top, left) of the crop in the resized image
-    size: int  # the square crop's side: train.resolution
+    target: tuple[int, int]  # (height, width) of the crop: train.resolution square, or the image's bucket
     resized_width: int
 
     def mirrored(self) -> "Crop":
         """The same crop of the image mirrored left to right (random_flip's second copy)."""
         top, left = self.top_left
-        return Crop(self.original, (top, self.resized_width - left - self.size), self.size, self.resized_width)
+        return Crop(self.original, (top, self.resized_width - left - self.target[1]), self.target, self.resized_width)
 
     def ids(self) -> list[float]:
         """(original h, w, crop top, left, target h, w): SDXL's add_time_ids."""
-        return [*map(float, self.original), *map(float, self.top_left), float(self.size), float(self.size)]
+        return [*map(float, self.original), *map(float, self.top_left), *map(float, self.target)]
 
 
 def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -84,38 +85,47 @@ def to_tensor(img, resolution: int, center_crop: bool, generator: torch.Generato
     return crop(img, resolution, center_crop, generator)[0]
 
 
-def crop(img, resolution: int, center_crop: bool, generator: torch.Generator | None = None
+def crop(img, target: int | tuple[int, int], center_crop: bool, generator: torch.Generator | None = None
          ) -> tuple[torch.Tensor, Crop]:
-    """The training crop of an image as a tensor in [-1, 1], and where it came from."""
+    """The training crop of an image as a tensor in [-1, 1], and where it came from. `target`: the
+    square's side, or (width, height) of a bucket; the image is scaled, without distortion, to
+    cover it and then cropped to it."""
     from PIL import Image
 
+    width, height = (target, target) if isinstance(target, int) else target
     w, h = img.size
     original = (h, w)
-    scale = resolution / min(w, h)
-    img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)
+    scale = max(width / w, height / h)
+    img = img.resize((max(width, round(w * scale)), max(height, round(h * scale))), Image.BICUBIC)
     w, h = img.size
     if center_crop:
-        left, top = (w - resolution) // 2, (h - resolution) // 2
+        left, top = (w - width) // 2, (h - height) // 2
     else:
-        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
-        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
-    img = img.crop((left, top, left + resolution, top + resolution))
+        left = int(torch.randint(0, w - width + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - height + 1, (1,), generator=generator))
+    img = img.crop((left, top, left + width, top + height))
     array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), Crop(original, (top, left), resolution, w)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), Crop(original, (top, left), (height, width), w)
+
+
+Target = Callable[[int, int], "int | tuple[int, int]"]  # (image width, height) -> crop target
 
 
 def load_images(uris: list[str], cfg: TrainConfig, generator: torch.Generator | None = None,
-                source: str = "") -> tuple[torch.Tensor, list[Crop]]:
-    """The images as one tensor, with their crops; `source` (a folder or a list, as the job
-    names it) is what an empty result names."""
+                source: str = "", target: Target | None = None) -> list[tuple[torch.Tensor, Crop]]:
+    """Each image's training crop and where it came from, in order; `target` picks an image's
+    crop (default: the train.resolution square). `source` (a folder or a list, as the job names
+    it) is what an empty result names."""
     if not uris:
         from launcher.subjects import IMAGE_SUFFIXES
 
         where = f" in {storage.redact(source)}" if source else ""
         raise InputError(f"no images to train on{where} (image files end in {', '.join(IMAGE_SUFFIXES)})")
-    crops = [crop(decode_image(storage.read_bytes(u), storage.redact(u)), cfg.resolution, cfg.center_crop, generator)
-             for u in uris]
-    return torch.stack([t for t, _ in crops]), [c for _, c in crops]
+    out = []
+    for u in uris:
+        img = decode_image(storage.read_bytes(u), storage.redact(u))
+        out.append(crop(img, target(*img.size) if target else cfg.resolution, cfg.center_crop, generator))
+    return out
 
 
 @dataclass
@@ -128,6 +138,12 @@ class LatentCache:
     scaling_factor: float
     crops: torch.Tensor
     shift_factor: float = 0.0  # the VAE's latent mean (Flux's VAE has one; SD's and SDXL's none)
+    prompt: torch.Tensor | None = None  # per row: its prompt's index in the subject's prompt table
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The latents' (channels, height, width): one bucket's, every row alike."""
+        return tuple(self.mean.shape[1:])
 
     def __len__(self) -> int:
         return self.mean.shape[0]
@@ -143,13 +159,16 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_latents(vae, images: tuple[torch.Tensor, list[Crop]], device: torch.device, random_flip: bool,
-                   batch: int = 8) -> LatentCache:
-    """Encode images once (and their mirror images when random_flip is on)."""
-    pixels, crops = images
+def encode_latents(vae, images: list[tuple[torch.Tensor, Crop]], device: torch.device, random_flip: bool,
+                   batch: int = 8, prompt: list[int] | None = None) -> LatentCache:
+    """Encode images of one shape once (and their mirror images when random_flip is on); `prompt`:
+    each image's index in the prompt table (default: all the first)."""
+    pixels, crops = torch.stack([t for t, _ in images]), [c for _, c in images]
+    prompt = prompt if prompt is not None else [0] * len(crops)
     if random_flip:
         pixels = torch.cat([pixels, torch.flip(pixels, dims=[3])])
         crops = crops + [c.mirrored() for c in crops]
+        prompt = prompt + prompt
     means, stds = [], []
     for chunk in pixels.split(batch):
         dist = vae.encode(chunk.to(device, vae.dtype)).latent_dist
@@ -157,4 +176,5 @@ def encode_latents(vae, images: tuple[torch.Tensor, list[Crop]], device: torch.d
         stds.append(dist.std.float())
     ids = torch.tensor([c.ids() for c in crops], dtype=torch.float32, device=device)
     shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
-    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), ids, shift)
+    return LatentCache(torch.cat(means), torch.cat(stds), float(vae.config.scaling_factor), ids, shift,
+                       torch.tensor(prompt, dtype=torch.long, device=device))

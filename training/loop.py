@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from launcher.config import JobConfig, Subject
-from training import adapters, checkpoint
+from training import adapters, buckets, checkpoint, prompts
 from training.components import Components
 from training.data import LatentCache, encode_latents, load_images
+from training.prompts import IDS, PromptTable
 from training.env import Preemption
 from training.optim import build_lr_scheduler, build_optimizer
 from training.precision import resolve
@@ -35,30 +36,15 @@ def subject_seed(base_seed: int, subject_id: str) -> int:
 
 
 @dataclass
-class Prompt:
-    """One prompt's token ids per text encoder, and its conditioning (the family's `encode`)
-    cached while the text encoders are frozen (None when they train: encoded every step)."""
-
-    ids: dict[str, torch.Tensor]
-    conditioning: dict[str, torch.Tensor] | None
-
-
-@dataclass
 class SubjectData:
-    instance: LatentCache
-    instance_prompt: Prompt
-    prior: LatentCache | None = None
-    class_prompt: Prompt | None = None
+    """A subject's cached latents per bucket (one without train.buckets), and its prompt table;
+    the class images' latents, when prior preservation is on, at each instance bucket's shape."""
 
-
-@torch.no_grad()
-def _prompt(c: Components, text: str, train_text_encoder: bool) -> Prompt:
-    ids = c.family.tokenize(c.tokenizers, [text])
-    if train_text_encoder:
-        return Prompt(ids, None)
-    if text in c.prompts:  # cached before a text encoder was freed
-        return Prompt(ids, c.prompts[text])
-    return Prompt(ids, {k: v.float() for k, v in c.family.encode(c.text_encoders, ids).items()})
+    instance: list[LatentCache]
+    instance_prompt: PromptTable
+    prior: list[LatentCache] | None = None
+    class_prompt: PromptTable | None = None
+    caption_dropout: float = 0.0
 
 
 @torch.no_grad()
@@ -67,12 +53,28 @@ def prepare_subject(c: Components, job: JobConfig, subject: Subject, image_uris:
     t = job.train
     gen = torch.Generator("cpu").manual_seed(subject_seed(t.seed, subject.id))
     source = subject.images if isinstance(subject.images, str) else ", ".join(subject.images)
-    instance = encode_latents(c.vae, load_images(image_uris, t, gen, source), c.device, t.random_flip)
-    data = SubjectData(instance, _prompt(c, subject.instance_prompt, train_text_encoder))
+    texts = prompts.image_prompts(subject, image_uris, t.prompt_template)
+    distinct = list(dict.fromkeys(texts + ([prompts.EMPTY] if t.caption_dropout else [])))
+    table = prompts.encode(c, distinct, train_text_encoder)
+    prompts.report_overlong(subject.id, prompts.overlong(c, table, texts, image_uris))
+    images = load_images(image_uris, t, gen, source, buckets.target(t))
+    groups = buckets.group([tensor.shape for tensor, _ in images])
+    instance = [encode_latents(c.vae, [images[i] for i in g], c.device, t.random_flip,
+                               prompt=[table.index(texts[i]) for i in g]) for g in groups]
+    data = SubjectData(instance, table, caption_dropout=t.caption_dropout)
     if class_image_uris:
-        data.prior = encode_latents(c.vae, load_images(class_image_uris, t, gen), c.device, t.random_flip)
-        data.class_prompt = _prompt(c, subject.class_prompt, train_text_encoder)
+        # the class images at each instance bucket's shape: a step's instance and prior rows share one
+        shapes = [images[g[0]][0].shape for g in groups]
+        data.prior = [encode_latents(c.vae, load_images(class_image_uris, t, gen, target=_fixed(shape)), c.device,
+                                     t.random_flip) for shape in shapes]
+        data.class_prompt = prompts.encode(c, [subject.class_prompt], train_text_encoder)
     return data
+
+
+def _fixed(shape: torch.Size):
+    """A crop target of one (channels, height, width) pixel shape for every image."""
+    size = (int(shape[2]), int(shape[1]))
+    return lambda w, h: size
 
 
 class Denoiser(torch.nn.Module):
@@ -110,9 +112,6 @@ class Denoiser(torch.nn.Module):
         return self.family.predict(denoiser, noisy, timesteps, conditioning)
 
 
-IDS = "ids:"
-
-
 @dataclass
 class Batch:
     latents: torch.Tensor
@@ -127,33 +126,42 @@ class Batch:
                      {k: v[index.to(v.device)] for k, v in self.conditioning.items()}, self.has_prior)
 
 
-def _conditioning(c: Components, cache: LatentCache, index: torch.Tensor, prompt: Prompt) -> dict[str, torch.Tensor]:
-    n = index.shape[0]
-    own = {IDS + k: v for k, v in prompt.ids.items()} if prompt.conditioning is None else prompt.conditioning
-    rows = {k: v.to(c.device).expand(n, *v.shape[1:]) for k, v in own.items()}
+def _conditioning(c: Components, cache: LatentCache, index: torch.Tensor, table: PromptTable,
+                  which: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per row: its prompt's conditioning (`which`: the prompt indices, default each row's own) and its image's."""
+    which = cache.prompt[index.to(cache.prompt.device)] if which is None else which
+    rows = table.rows(which, c.device)
     rows.update(c.family.image_conditioning(cache.crops[index.to(cache.crops.device)]))
     return rows
 
 
 def draw_batch(c: Components, job: JobConfig, data: SubjectData, gen: torch.Generator,
                shard: tuple[int, int] = (0, 1)) -> Batch:
-    """One micro-batch of a subject: cached latents (and class latents), their noise, timesteps and
-    conditioning, drawn from the subject's generator in one fixed order.
+    """One micro-batch of a subject: cached latents (and class latents) of one bucket, their noise,
+    timesteps and conditioning, drawn from the subject's generator in one fixed order.
 
     Data-parallel ranks pass shard=(rank, world): every rank draws the same global batch
     (batch_size x world) from the same generator and keeps its own slice, so the averaged
-    gradient equals one process training on the global batch."""
+    gradient equals one process training on the global batch (and every rank the same bucket)."""
     t = job.train
     rank, world = shard
     bs = t.batch_size * world
     on = {"generator": gen, "device": gen.device}  # the step's randomness is drawn where it is used
-    index = torch.randint(len(data.instance), (bs,), **on)
-    latents = data.instance.sample(index, gen)
-    parts = [_conditioning(c, data.instance, index, data.instance_prompt)]
+    bucket = buckets.draw([len(cache) for cache in data.instance], gen)
+    instance = data.instance[bucket]
+    index = torch.randint(len(instance), (bs,), **on)
+    latents = instance.sample(index, gen)
+    which = None
+    if data.caption_dropout:  # drawn only when on: without it the generator runs as before captions
+        which = instance.prompt[index.to(instance.prompt.device)]
+        dropped = torch.rand((bs,), **on) < data.caption_dropout
+        which = torch.where(dropped.to(which.device), data.instance_prompt.index(prompts.EMPTY), which)
+    parts = [_conditioning(c, instance, index, data.instance_prompt, which)]
     if data.prior is not None:
-        index = torch.randint(len(data.prior), (bs,), **on)
-        latents = torch.cat([latents, data.prior.sample(index, gen)])
-        parts.append(_conditioning(c, data.prior, index, data.class_prompt))
+        prior = data.prior[bucket]
+        index = torch.randint(len(prior), (bs,), **on)
+        latents = torch.cat([latents, prior.sample(index, gen)])
+        parts.append(_conditioning(c, prior, index, data.class_prompt))
     noise = torch.randn(latents.shape, **on)
     if t.noise_offset:
         noise = noise + t.noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), **on)

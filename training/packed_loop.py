@@ -28,7 +28,7 @@ from launcher import ledger
 from launcher.config import JobConfig, Subject
 from launcher.errors import ConfigError
 from launcher.subjects import image_uris
-from training import adapters, checkpoint, lease, packed
+from training import adapters, buckets, checkpoint, lease, packed
 from training.loop import Stepper, SubjectData, draw_batch, dreambooth_loss, prepare_subject, subject_seed
 from training.failures import is_fatal, log_failure
 from training.lease import Outcome, StatusKeeper
@@ -85,22 +85,12 @@ class PackedTrainer:
         live = [i for i, s in enumerate(self.slots) if s is not None]
         totals = {i: torch.zeros((), device=c.device) for i in live}
         for _ in range(t.gradient_accumulation):
-            # each slot's batch in the order of a single run (loop.draw_batch); one forward for all
-            parts = [draw_batch(c, self.job, self.slots[i].data, self.slots[i].gen) for i in live]
-            rows = [p.latents.shape[0] for p in parts]
-            latents, noise, timesteps = (torch.cat([getattr(p, k) for p in parts]) for k in ("latents", "noise", "timesteps"))
-            conditioning = {k: torch.cat([p.conditioning[k] for p in parts]) for k in parts[0].conditioning}
-            self.router.index = torch.repeat_interleave(torch.tensor(live), torch.tensor(rows)).to(c.device)
-            noisy, target = c.family.noisy_and_target(c.noise_scheduler, latents, noise, timesteps)
-            with self.slots[live[0]].stepper.autocast():
-                pred = c.family.predict(c.denoiser, noisy, timesteps, conditioning)
-            total = torch.zeros((), device=c.device)
-            for i, p_i, t_i in zip(live, pred.split(rows), target.split(rows)):  # per-subject means
-                loss = dreambooth_loss(p_i, t_i, self.slots[i].has_prior, self.job.prior.loss_weight)
-                loss = loss / t.gradient_accumulation
-                totals[i] += loss.detach()
-                total = total + loss
-            total.backward()  # the sum of per-subject means: each slot gets its own run's gradient
+            # each slot's batch in the order of a single run (loop.draw_batch); one forward per shape
+            drawn = {i: draw_batch(c, self.job, self.slots[i].data, self.slots[i].gen) for i in live}
+            # with train.buckets the slots' batches may differ in shape: each shape is its own forward
+            # and backward (nothing padded, nothing mixed); without, one group holds every slot
+            for group in buckets.group([drawn[i].latents.shape for i in live]):
+                self._forward_backward(c, t, [live[j] for j in group], drawn, totals)
         finished = []
         for i in live:
             s = self.slots[i]
@@ -115,6 +105,23 @@ class PackedTrainer:
         for p in self.params:
             p.grad = None
         return finished
+
+    def _forward_backward(self, c, t, slots: list[int], drawn: dict, totals: dict) -> None:
+        parts = [drawn[i] for i in slots]
+        rows = [p.latents.shape[0] for p in parts]
+        latents, noise, timesteps = (torch.cat([getattr(p, k) for p in parts]) for k in ("latents", "noise", "timesteps"))
+        conditioning = {k: torch.cat([p.conditioning[k] for p in parts]) for k in parts[0].conditioning}
+        self.router.index = torch.repeat_interleave(torch.tensor(slots), torch.tensor(rows)).to(c.device)
+        noisy, target = c.family.noisy_and_target(c.noise_scheduler, latents, noise, timesteps)
+        with self.slots[slots[0]].stepper.autocast():
+            pred = c.family.predict(c.denoiser, noisy, timesteps, conditioning)
+        total = torch.zeros((), device=c.device)
+        for i, p_i, t_i in zip(slots, pred.split(rows), target.split(rows)):  # per-subject means
+            loss = dreambooth_loss(p_i, t_i, self.slots[i].has_prior, self.job.prior.loss_weight)
+            loss = loss / t.gradient_accumulation
+            totals[i] += loss.detach()
+            total = total + loss
+        total.backward()  # the sum of per-subject means: each slot gets its own run's gradient
 
     def restore(self, slot: int, resumed: checkpoint.Resume) -> None:
         """Continue a subject from its checkpoint (a packed slot's or a single run's)."""

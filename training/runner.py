@@ -14,7 +14,7 @@ import torch
 from launcher import ledger, storage
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.subjects import image_uris
-from training import adapters, cpu_attention, export, failures, lease, priors
+from training import adapters, cpu_attention, export, failures, lease, priors, prompts
 from training.components import Components, cache_prompts_and_free, load_components
 from training.env import Preemption, WorkerEnv
 from training.lease import Outcome
@@ -61,9 +61,8 @@ class Worker:
                                                      job.output.stale_after_s)
                 class_images[prompt] = uris
         if self.c.family.free_after_caching and not self.train_te and not job.train.samples.enabled:
-            prompts = {s.instance_prompt for s in subjects}
-            prompts |= {s.class_prompt for s in subjects} if job.prior.enabled else set()
-            cache_prompts_and_free(self.c, prompts)
+            cache_prompts_and_free(self.c, prompts.job_prompts(subjects, job.train.prompt_template,
+                                                               job.train.caption_dropout, job.prior.enabled))
         torch.manual_seed(job.train.seed)
         for part, spec in self.specs.items():  # the denoiser first: the seed's draws as before text encoders existed
             adapters.attach(self.c.part(part), spec, self.c.family.targets(part), part)
