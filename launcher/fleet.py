@@ -12,7 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from launcher import ledger, storage
+from launcher import ledger, quality, storage
 from launcher.ledger import STATES, SubjectStatus
 
 
@@ -47,8 +47,9 @@ def summarize(statuses: list[SubjectStatus], now: float | None = None, stale_aft
     failures = [{"id": s.id, "attempts": s.attempts, "invalid": s.invalid, "error": s.error}
                 for s in statuses if s.state == "failed"]
     stale = [s.id for s in statuses if s.state == "running" and s.is_stale(stale_after_s, now)]
+    flagged = [{"id": s.id, "reasons": s.flag_reasons} for s in statuses if s.state == "done" and s.flagged]
     return {"total": len(statuses), "counts": counts, "subjects_per_hour": throughput, "steps_left": left,
-            "steps_per_s": step_rate, "eta_s": eta_s, "failures": failures, "stale_running": stale}
+            "steps_per_s": step_rate, "eta_s": eta_s, "failures": failures, "stale_running": stale, "flagged": flagged}
 
 
 def format_duration(seconds: float) -> str:
@@ -61,10 +62,12 @@ def format_duration(seconds: float) -> str:
 
 def job_statuses(job_uri: str, job=None) -> list[SubjectStatus]:
     """The ledger's statuses; with the job, also its subjects that have none yet (as pending,
-    so that a job just submitted shows every subject), in id order."""
+    so that a job just submitted shows every subject), in id order, and the recorded scores
+    gated by the job's current eval.min_* (launcher.quality.regate)."""
     statuses = ledger.list_statuses(job_uri)
     if job is None:
         return statuses
+    quality.regate(statuses, job.eval)
     from launcher.subjects import resolve_subjects
 
     known = {s.id for s in statuses}
@@ -77,15 +80,63 @@ def status_json(statuses: list[SubjectStatus]) -> str:
     return json.dumps({"summary": summarize(statuses), "subjects": [asdict(s) for s in statuses]}, indent=2)
 
 
-def retry_failed(job_uri: str) -> list[str]:
-    """Failed subjects go back to pending with a fresh attempt budget; returns their ids."""
+# what `retry-failed KEY=VALUE` may set per subject: {dotted key: Subject field}
+RETRY_OVERRIDES = {"train.steps": "steps", "train.learning_rate": "learning_rate"}
+
+
+def retry_overrides(items: list[str]) -> dict:
+    """`retry-failed` overrides as Subject fields ({"steps": 1200}); a key that cannot differ
+    between the subjects of one job (they share a loaded model and its adapters) is an error."""
+    from pydantic import ValidationError
+
+    from launcher.config import Subject, _format_errors, parse_override
+    from launcher.errors import ConfigError
+
+    fields, problems = {}, []
+    for item in items:
+        path, value = parse_override(item)
+        key = ".".join(path)
+        if key not in RETRY_OVERRIDES:
+            problems.append(f"{key}: cannot differ per subject in a retry; valid keys: {', '.join(RETRY_OVERRIDES)}")
+            continue
+        fields[RETRY_OVERRIDES[key]] = value
+    try:
+        Subject(id="x", images="x", instance_prompt="x", **fields)
+    except ValidationError as exc:
+        names = {v: k for k, v in RETRY_OVERRIDES.items()}
+        problems += [f"{names.get(p.split(': ', 1)[0], p.split(': ', 1)[0])}: {p.split(': ', 1)[1]}"
+                     for p in _format_errors(exc, Subject)]
+    if problems:
+        raise ConfigError("retry-failed overrides are invalid", problems)
+    return fields
+
+
+def retry_failed(job_uri: str, flagged: bool = False, overrides: dict | None = None, job=None) -> list[str]:
+    """Failed subjects (with `flagged`: the done ones flagged for review instead) go back to
+    pending as a fresh attempt, with `overrides` (Subject fields) for their next training;
+    returns their ids. A flagged subject's published adapter stays where it is, readable, until
+    the new one is published over it; its checkpoints go (they are the old attempt's)."""
     reset = []
-    for status in ledger.list_statuses(job_uri):
-        if status.state == "failed":
-            status.history.append({"reset_by": "retry-failed", "at": time.time(), "error": status.error})
-            status.state, status.attempts, status.error, status.invalid = "pending", 0, None, False
-            ledger.write_status(job_uri, status)
-            reset.append(status.id)
+    statuses = ledger.list_statuses(job_uri)
+    if flagged and job is not None:
+        quality.regate(statuses, job.eval)
+    for status in statuses:
+        if flagged and status.state == "done" and status.flagged:
+            status.history.append({"reset_by": "retry-failed --flagged", "at": time.time(), "scores": status.scores,
+                                   "flag_reasons": status.flag_reasons, "overrides": overrides or {}})
+            storage.remove(storage.join(ledger.subject_uri(job_uri, status.id), "checkpoints"))
+            status.step, status.final_loss, status.scores, status.flagged, status.flag_reasons = 0, None, None, False, []
+        elif not flagged and status.state == "failed":
+            status.history.append({"reset_by": "retry-failed", "at": time.time(), "error": status.error,
+                                   "overrides": overrides or {}})
+        else:
+            continue
+        status.state, status.attempts, status.error, status.invalid = "pending", 0, None, False
+        status.overrides = {**status.overrides, **(overrides or {})}
+        if "steps" in status.overrides:
+            status.steps = status.overrides["steps"]
+        ledger.write_status(job_uri, status)
+        reset.append(status.id)
     return reset
 
 
