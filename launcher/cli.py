@@ -352,7 +352,7 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
 def report(target: str = typer.Argument(..., help="Job file or the job's output URI."),
            out: Optional[Path] = typer.Option(None, "--out", "-o",
                                               help="A local file to write instead (default: report.html in the job's output).")):
-    """One self-contained HTML page: loss curves, sample images and failures of every subject."""
+    """One self-contained HTML page: score and loss distributions, the worst subjects, and each subject's photos, samples, loss curve and scores."""
     typer.echo(_write_report(_job_uri(target), out))
 
 
@@ -368,9 +368,9 @@ def _finish_local(job_uri: str) -> None:
 def _write_report(job_uri: str, out: Optional[Path] = None) -> str:
     """The report, written to `out` or beside the subjects (the output contract's place); returns where."""
     from launcher import storage
-    from launcher.fleet import REPORT_FILE, render_report
+    from launcher.report import FILE as REPORT_FILE, render
 
-    page = render_report(job_uri)
+    page = render(job_uri)
     if out is not None:
         out.write_text(page)
         return str(out)

@@ -1,15 +1,12 @@
-"""Seeing a fleet: counts by state, throughput and ETA from the status ledger; a self-contained
-HTML report (loss curves, sample images, failures); and resetting failed subjects for a retry.
+"""Seeing a fleet: counts by state, throughput and ETA from the status ledger (the HTML report is
+launcher.report); and resetting failed or flagged subjects for a retry.
 Everything is read from the output (any URI), so it works from anywhere the bucket is visible.
 """
 
 from __future__ import annotations
 
-import base64
-import html
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
 from launcher import ledger, quality, storage
@@ -156,92 +153,3 @@ def record_invalid(job, subjects) -> dict[str, list[str]]:
         status.finished_at = time.time()
         ledger.write_status(job.job_uri, status)
     return bad
-
-
-# --------------------------------------------------------------------------- report
-
-
-def _metrics(job_uri: str, sid: str) -> list[dict]:
-    try:
-        text = storage.read_text(storage.join(ledger.subject_uri(job_uri, sid), "metrics.jsonl"))
-    except FileNotFoundError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def _curve(points: list[dict], width: int = 320, height: int = 120) -> str:
-    """An inline SVG line of loss against step."""
-    if len(points) < 2:
-        return "<p class='muted'>no loss curve</p>"
-    xs, ys = [p["step"] for p in points], [p["loss"] for p in points]
-    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
-    sx = (width - 10) / max(x1 - x0, 1e-9)
-    sy = (height - 20) / max(y1 - y0, 1e-9)
-    path = " ".join(f"{5 + (x - x0) * sx:.1f},{height - 10 - (y - y0) * sy:.1f}" for x, y in zip(xs, ys))
-    return (f"<svg width='{width}' height='{height}' role='img' aria-label='loss curve'>"
-            f"<polyline fill='none' stroke='#2a6fdb' stroke-width='2' points='{path}'/>"
-            f"<text x='5' y='12' font-size='11'>loss {ys[0]:.3f} → {ys[-1]:.3f} over {x1} steps</text></svg>")
-
-
-def _samples(job_uri: str, sid: str, limit: int = 4) -> str:
-    folder = storage.join(ledger.subject_uri(job_uri, sid), "samples")
-    names = [n for n in storage.list_names(folder) if n.endswith(".png")][:limit]
-    imgs = []
-    for name in names:
-        data = base64.b64encode(storage.read_bytes(storage.join(folder, name))).decode()
-        imgs.append(f"<img alt='{html.escape(sid)} sample {html.escape(name)}' src='data:image/png;base64,{data}'>")
-    return "".join(imgs) or "<p class='muted'>no samples</p>"
-
-
-REPORT_FILE = "report.html"  # in the job's output, beside subjects/
-
-
-REPORT_CARDS = 200  # subjects with a card (curve, samples) in one page; the rest are counted
-
-
-def _card(job_uri: str, s: SubjectStatus) -> str:
-    esc = html.escape
-    body = (f"{_curve(_metrics(job_uri, s.id))}<div class='samples'>{_samples(job_uri, s.id)}</div>"
-            if s.state == "done" else f"<p class='error'>{esc(s.error or s.state)}</p>")
-    loss = f", final loss {s.final_loss:.4f}" if s.final_loss is not None else ""
-    return (f"<section class='card {esc(s.state)}' id='subject-{esc(s.id)}'><h2>{esc(s.id)}</h2>"
-            f"<p class='meta'>{esc(s.state)}, step {s.step}/{s.steps}, attempts {s.attempts}{loss}</p>{body}</section>")
-
-
-def render_report(job_uri: str) -> str:
-    """The page for a fleet: every failure in a table, and a card for each subject up to
-    REPORT_CARDS (failed and running first, then the most recently finished)."""
-    statuses = ledger.list_statuses(job_uri)
-    summary = summarize(statuses)
-    esc = html.escape
-    rate = f"{summary['subjects_per_hour']:.1f}" if summary["subjects_per_hour"] else "-"
-    order = {"failed": 0, "running": 1}
-    shown = sorted(statuses, key=lambda s: (order.get(s.state, 2), -(s.finished_at or 0)))[:REPORT_CARDS]
-    shown.sort(key=lambda s: s.id)
-    with ThreadPoolExecutor(max_workers=ledger.READERS) as pool:  # each card reads its metrics and samples
-        cards = list(pool.map(lambda s: _card(job_uri, s), shown))
-    more = (f"<p class='muted'>{len(statuses) - len(shown)} more subjects without a card here: "
-            "<code>launcher status --json</code> lists every one</p>" if len(shown) < len(statuses) else "")
-    counts = " · ".join(f"{k}: {v}" for k, v in summary["counts"].items())
-    failures = "".join(f"<tr><td>{esc(f['id'])}</td><td>{f['attempts']}</td><td>{esc(f['error'] or '')}</td></tr>"
-                       for f in summary["failures"])
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>dreamfleet report: {esc(job_uri)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 24px; color: #222; }}
-.cards {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(340px, 1fr)); gap: 12px; }}
-.card {{ border: 1px solid #ddd; border-radius: 8px; padding: 8px 12px; }}
-.card.failed {{ border-color: #d33; background: #fff5f5; }}
-.card h2 {{ font-size: 16px; margin: 4px 0; }} .meta, .muted {{ color: #666; font-size: 13px; }}
-.samples img {{ width: 96px; height: 96px; image-rendering: pixelated; margin-right: 4px; }}
-.error {{ color: #b00; font-family: monospace; font-size: 12px; white-space: pre-wrap; }}
-table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ddd; padding: 4px 8px; font-size: 13px; }}
-</style></head><body>
-<h1>dreamfleet: {esc(job_uri)}</h1>
-<p>{summary['total']} subjects — {counts} — {rate} subjects/hour</p>
-<h2>Failures</h2>
-{'<table><tr><th>subject</th><th>attempts</th><th>error</th></tr>' + failures + '</table>' if failures else '<p>none</p>'}
-<h2>Subjects</h2>
-<div class="cards">{''.join(cards)}</div>{more}
-</body></html>
-"""
