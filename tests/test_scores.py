@@ -169,3 +169,33 @@ def test_scores_gate_status_and_a_flagged_retry_that_replaces_the_adapter_only_o
     assert status["state"] == "done" and status["steps"] == 3 and status["step"] == 3 and status["attempts"] == 1
     steps = [json.loads(line)["step"] for line in (where / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 3]  # three training steps this time, then the scores
+
+
+@pytest.mark.integration
+def test_an_evaluator_in_a_bucket_is_staged_into_the_node_cache_once(s3, evaluators_dir, tmp_path):
+    from launcher import storage
+
+    uri = f"s3://{s3['bucket']}/evaluators/dino"
+    fs, path = storage._fs(uri)
+    fs.put(str(evaluators_dir["dino"]) + "/", path, recursive=True)
+    model = ModelConfig(source="unused", cache_dir=str(tmp_path / "cache"))
+    red = Image.new("RGB", (40, 40), (200, 20, 20))
+    blue = Image.new("RGB", (40, 40), (20, 20, 200))
+    s3["proxy"].reset()
+    staged = load_evaluators(EvalConfig(dino=uri), model, torch.device("cpu"))
+    assert s3["proxy"].count("GET", "model.safetensors") == 1
+    assert [p.name for p in (tmp_path / "cache").glob("dino-*/model.safetensors")] == ["model.safetensors"]
+    again = load_evaluators(EvalConfig(dino=uri), model, torch.device("cpu"))  # the next worker on the node
+    assert s3["proxy"].count("GET", "model.safetensors") == 1  # reused, not downloaded again
+    local = load_evaluators(EvalConfig(dino=str(evaluators_dir["dino"])), model, torch.device("cpu"))
+    assert staged.score([red], [blue], ["x"]) == again.score([red], [blue], ["x"]) == local.score([red], [blue], ["x"])
+
+
+def test_validate_names_a_missing_evaluator_and_an_evaluator_without_samples(make_job, tmp_path):
+    job = make_job(train={"samples": {"enabled": True}}, eval={"clip": str(tmp_path / "no-such-clip")})
+    proc = run_cli("validate", str(job))
+    assert proc.returncode == 2 and f"eval.clip: {tmp_path / 'no-such-clip'} does not exist" in proc.stderr, proc.stderr
+    job = make_job(eval={"dino": str(tmp_path)})  # make_job renders no samples
+    proc = run_cli("validate", str(job), "--no-inputs")
+    said = " ".join(proc.stderr.split())
+    assert proc.returncode == 2 and "eval.dino scores the samples, and train.samples renders none" in said, said
