@@ -353,7 +353,8 @@ def report(target: str = typer.Argument(..., help="Job file or the job's output 
            out: Optional[Path] = typer.Option(None, "--out", "-o",
                                               help="A local file to write instead (default: report.html in the job's output).")):
     """One self-contained HTML page: score and loss distributions, the worst subjects, and each subject's photos, samples, loss curve and scores."""
-    typer.echo(_write_report(_job_uri(target), out))
+    job_uri, job = _target(target)
+    typer.echo(_write_report(job_uri, out, job))
 
 
 def _finish_local(job_uri: str) -> None:
@@ -365,12 +366,13 @@ def _finish_local(job_uri: str) -> None:
         typer.secho(f"warning: the report could not be written: {exc}", fg=typer.colors.YELLOW, err=True)
 
 
-def _write_report(job_uri: str, out: Optional[Path] = None) -> str:
-    """The report, written to `out` or beside the subjects (the output contract's place); returns where."""
-    from launcher import storage
+def _write_report(job_uri: str, out: Optional[Path] = None, job=None) -> str:
+    """The report, written to `out` or beside the subjects (the output contract's place); returns
+    where. With the job: its subjects without a status yet too, and its current eval thresholds."""
+    from launcher import fleet, storage
     from launcher.report import FILE as REPORT_FILE, render
 
-    page = render(job_uri)
+    page = render(job_uri, fleet.job_statuses(job_uri, job) if job is not None else None)
     if out is not None:
         out.write_text(page)
         return str(out)

@@ -129,6 +129,9 @@ def test_scores_gate_status_and_a_flagged_retry_that_replaces_the_adapter_only_o
     assert all(t.startswith("data:image/jpeg;base64,") for t in thumbs["photos"])
 
     text = run_cli("status", str(path)).stdout
+    assert run_cli("report", str(path)).returncode == 0
+    report = (Path(job.job_uri) / "report.html").read_text()
+    assert f"flagged for review: DINO {scores['dino']:.3f} &lt; eval.min_dino 0.999" in report
     assert "done, flagged" in text and "DINO" in text and "flagged for review: 1 done subject(s)" in text, text
     listed = json.loads(run_cli("status", str(path), "--flagged", "--json").stdout)
     assert [s["id"] for s in listed["subjects"]] == ["s0"] and listed["summary"]["flagged"][0]["id"] == "s0"
@@ -136,6 +139,9 @@ def test_scores_gate_status_and_a_flagged_retry_that_replaces_the_adapter_only_o
     # a threshold the scores pass, given after training: the job file's thresholds re-gate the recorded scores
     relaxed = make_job(name="t", train={"steps": 2}, eval={"dino": str(evaluators_dir["dino"]), "min_dino": -1.0})
     assert "no subject is flagged for review" in run_cli("status", str(relaxed), "--flagged").stdout
+    page = Path(job.job_uri).parent / "relaxed.html"
+    assert run_cli("report", str(relaxed), "--out", str(page)).returncode == 0
+    assert "flagged for review" not in page.read_text() and "DINO " in page.read_text()
     path = make_job(train={"steps": 2, "samples": {"enabled": True, "num_inference_steps": 1,
                                                    "prompts": ["{instance} in a garden", "{instance} at night"]}},
                     eval={"clip": str(evaluators_dir["clip"]), "dino": str(evaluators_dir["dino"]), "base_model": True,
@@ -199,3 +205,21 @@ def test_validate_names_a_missing_evaluator_and_an_evaluator_without_samples(mak
     proc = run_cli("validate", str(job), "--no-inputs")
     said = " ".join(proc.stderr.split())
     assert proc.returncode == 2 and "eval.dino scores the samples, and train.samples renders none" in said, said
+
+
+def test_packed_subjects_are_scored_and_gated_as_single_runs_are(make_job, evaluators_dir, caplog):
+    """The packed loop publishes through the same step: every subject of a pack gets its scores."""
+    from training.distributed import run_strategy
+    from training.env import Preemption, WorkerEnv
+
+    job = load_job(make_job(n_subjects=2, train={"steps": 2, "pack": 2, "samples": {"enabled": True,
+                                                                                      "num_inference_steps": 1}},
+                            eval={"dino": str(evaluators_dir["dino"]), "min_dino": 0.999}))
+    with caplog.at_level("INFO", logger="training.packed_loop"):
+        outcomes = run_strategy(job, WorkerEnv(), Preemption(), list(job.subjects))
+    assert [o.state for o in outcomes] == ["done", "done"]
+    assert "subject s1: training in packed slot 1" in caplog.text
+    for sid in ("s0", "s1"):
+        status = json.loads((Path(job.job_uri) / "subjects" / sid / "status.json").read_text())
+        assert set(status["scores"]) >= {"dino"} and "clip_i" not in status["scores"]
+        assert status["flagged"] and status["flag_reasons"][0].startswith("DINO ")
