@@ -15,6 +15,7 @@ Nothing is loaded from elsewhere: the file can be mailed or attached to a ticket
 
 from __future__ import annotations
 
+import bisect
 import html
 import json
 import statistics
@@ -30,6 +31,7 @@ CURVE_POINTS = 120  # loss points kept per subject
 WORST = 20  # subjects in the "worst subjects" table
 BINS = 20
 SCRIPT = Path(__file__).with_name("report.js")
+IMAGE_URI = ("data:image/jpeg;base64,", "data:image/png;base64,")
 
 
 def _metrics(job_uri: str, sid: str) -> list[dict]:
@@ -54,8 +56,9 @@ def _thumbnails(job_uri: str, sid: str) -> dict:
     the sample PNGs (no photos: the output does not hold them)."""
     folder = storage.join(ledger.subject_uri(job_uri, sid), "samples")
     record = storage.read_json(storage.join(folder, thumbnails.FILE))
-    if record is not None:
-        return record
+    if record is not None:  # only inline images reach the page, whatever the file holds
+        return {kind: [uri for uri in record.get(kind, []) if isinstance(uri, str) and uri.startswith(IMAGE_URI)]
+                for kind in ("photos", "samples", "base") if record.get(kind)}
     try:
         names = sorted(n for n in storage.list_names(folder) if n.endswith(".png"))[: thumbnails.MAX_IMAGES]
     except FileNotFoundError:
@@ -82,8 +85,6 @@ def _ranks(records: list[dict]) -> None:
     for key in (*quality.SCORES, "loss"):
         values = sorted(r[key] for r in done if r.get(key) is not None)
         if len(values) > 1:
-            import bisect
-
             pct = {r["id"]: bisect.bisect_left(values, r[key]) / (len(values) - 1) for r in done if r.get(key) is not None}
             percentile[key] = {i: (1 - p if key == "loss" else p) for i, p in pct.items()}
     group = {"failed": 0, "done": 2, "running": 3, "pending": 4}

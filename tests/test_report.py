@@ -162,3 +162,20 @@ def test_a_5000_subject_report_opens_in_chromium_within_the_bound(tmp_path):
     assert _non_blank(img, (0, 1400, 1400, 2400)) > 0.05
     colours = len(set(img.crop((0, 1400, 1400, 2400)).resize((350, 250)).getdata()))
     assert colours > 500  # photos and samples, not only text and lines
+
+
+def test_an_output_without_thumbnails_shows_its_sample_pngs_and_only_inline_images_reach_the_page(tmp_path):
+    job_uri = tmp_path / "out" / "old"
+    folder = job_uri / "subjects" / "a" / "samples"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (32, 32), (10, 120, 200)).save(folder / "00.png")
+    ledger.write_status(str(job_uri), SubjectStatus(id="a", state="done", steps=4, step=4, final_loss=0.2))
+    forged = job_uri / "subjects" / "b" / "samples"
+    forged.mkdir(parents=True)
+    (forged / thumbnails.FILE).write_text(json.dumps({"samples": ["javascript:alert(1)", _image_pool(1, 3)[0]]}))
+    ledger.write_status(str(job_uri), SubjectStatus(id="b", state="done", steps=4, step=4, final_loss=0.3))
+    page = report.render(str(job_uri))
+    data = {d["id"]: d for d in json.loads(re.search(r'id="fleet-data">(.*?)</script>', page, re.S)[1])["subjects"]}
+    assert len(data["a"]["samples"]) == 1 and data["a"]["samples"][0].startswith("data:image/jpeg;base64,")
+    assert "photos" not in data["a"]  # an old output holds no photos
+    assert len(data["b"]["samples"]) == 1 and "javascript:" not in page
