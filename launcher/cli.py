@@ -293,7 +293,7 @@ def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bo
     from rich.console import Console
     from rich.table import Table
 
-    from launcher import fleet, ledger, storage
+    from launcher import fleet, ledger, quality, storage
 
     statuses = ledger.list_statuses(job_uri) if statuses is None else statuses
     rows = statuses
@@ -301,7 +301,8 @@ def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bo
         order = {"running": 0, "failed": 1, "pending": 2, "done": 3}
         rows = sorted(statuses, key=lambda s: order.get(s.state, 4))[:TABLE_ROWS]
     table = Table(title=f"subjects in {storage.redact(job_uri)}")
-    for col in ("subject", "state", "step", "final loss", "output"):
+    scored = any(s.scores for s in statuses)
+    for col in ("subject", "state", "step", "final loss", *(["scores"] if scored else []), "output"):
         table.add_column(col)
     for s in rows:
         loss = f"{s.final_loss:.4f}" if s.final_loss is not None else "-"
@@ -309,7 +310,10 @@ def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bo
         state = s.state
         if state == "running" and s.is_stale(stale_after_s or fleet.STALE_AFTER_S):
             state = "running (stale heartbeat)"
-        table.add_row(s.id, state, f"{s.step}/{s.steps}", loss, where)
+        if state == "done" and s.flagged:
+            state, where = "done, flagged", "; ".join(s.flag_reasons)
+        table.add_row(s.id, state, f"{s.step}/{s.steps}", loss, *([quality.format_scores(s.scores)] if scored else []),
+                      where)
     Console(stderr=False, width=160).print(table)
     if len(rows) < len(statuses):
         typer.echo(f"... and {len(statuses) - len(rows)} more subjects (--all lists every one, --json gives them all)")
@@ -320,14 +324,21 @@ def _print_status_table(job_uri: str, statuses: list | None = None, show_all: bo
 def status(target: str = typer.Argument(..., help="Job file or the job's output URI (<output>/<job name>)."),
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
            show_all: bool = typer.Option(False, "--all", help=f"List every subject (default: at most {TABLE_ROWS}, "
-                                                                "unfinished first).")):
+                                                                "unfinished first)."),
+           flagged: bool = typer.Option(False, "--flagged", help="Only the done subjects flagged for review (a score "
+                                                                  "below its eval.min_*).")):
     """Counts by state, throughput, ETA, failures, and each subject, from the ledger in the output."""
     from launcher import fleet
 
     job_uri, job = _target(target)
     statuses = fleet.job_statuses(job_uri, job)
+    if flagged:
+        statuses = [s for s in statuses if s.state == "done" and s.flagged]
     if as_json:
         typer.echo(fleet.status_json(statuses))
+        return
+    if flagged and not statuses:
+        typer.echo("no subject is flagged for review")
         return
     stale_after_s = job.output.stale_after_s if job else fleet.STALE_AFTER_S
     _print_status_table(job_uri, statuses, show_all, stale_after_s)
@@ -349,6 +360,10 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
         typer.secho(f"failed {failure['id']} ({tried}): {failure['error']}", fg=typer.colors.RED)
     if len(failures) < len(summary["failures"]):
         typer.echo(f"... and {len(summary['failures']) - len(failures)} more failures (--all, or --json)")
+    if summary["flagged"] and not flagged:
+        typer.secho(f"flagged for review: {len(summary['flagged'])} done subject(s) with a score below its eval.min_* "
+                    f"(launcher status --flagged lists them; launcher retry-failed --flagged retrains them)",
+                    fg=typer.colors.YELLOW)
 
 
 @app.command()
@@ -356,8 +371,9 @@ def status(target: str = typer.Argument(..., help="Job file or the job's output 
 def report(target: str = typer.Argument(..., help="Job file or the job's output URI."),
            out: Optional[Path] = typer.Option(None, "--out", "-o",
                                               help="A local file to write instead (default: report.html in the job's output).")):
-    """One self-contained HTML page: loss curves, sample images and failures of every subject."""
-    typer.echo(_write_report(_job_uri(target), out))
+    """One self-contained HTML page: score and loss distributions, the worst subjects, and each subject's photos, samples, loss curve and scores."""
+    job_uri, job = _target(target)
+    typer.echo(_write_report(job_uri, out, job))
 
 
 def _finish_local(job_uri: str) -> None:
@@ -369,12 +385,13 @@ def _finish_local(job_uri: str) -> None:
         typer.secho(f"warning: the report could not be written: {exc}", fg=typer.colors.YELLOW, err=True)
 
 
-def _write_report(job_uri: str, out: Optional[Path] = None) -> str:
-    """The report, written to `out` or beside the subjects (the output contract's place); returns where."""
-    from launcher import storage
-    from launcher.fleet import REPORT_FILE, render_report
+def _write_report(job_uri: str, out: Optional[Path] = None, job=None) -> str:
+    """The report, written to `out` or beside the subjects (the output contract's place); returns
+    where. With the job: its subjects without a status yet too, and its current eval thresholds."""
+    from launcher import fleet, storage
+    from launcher.report import FILE as REPORT_FILE, render
 
-    page = render_report(job_uri)
+    page = render(job_uri, fleet.job_statuses(job_uri, job) if job is not None else None)
     if out is not None:
         out.write_text(page)
         return str(out)
@@ -385,12 +402,21 @@ def _write_report(job_uri: str, out: Optional[Path] = None) -> str:
 
 @app.command("retry-failed")
 @user_errors
-def retry_failed(target: str = typer.Argument(..., help="Job file or the job's output URI.")):
-    """Give failed subjects a fresh attempt budget; the next submit trains them again."""
-    from launcher.fleet import retry_failed as reset
+def retry_failed(target: str = typer.Argument(..., help="Job file or the job's output URI."),
+                 overrides: Optional[List[str]] = typer.Argument(None, help="Per-subject settings of the retry: "
+                                                                 "train.steps=N, train.learning_rate=X.", show_default=False),
+                 flagged: bool = typer.Option(False, "--flagged", help="Retrain the done subjects flagged for review "
+                                                                       "instead of the failed ones (their adapters stay "
+                                                                       "until the new ones are published).")):
+    """Give failed (or flagged) subjects a fresh attempt; the next submit trains them again."""
+    from launcher.fleet import retry_failed as reset, retry_overrides
 
-    ids = reset(_job_uri(target))
-    typer.echo(f"reset {len(ids)} failed subject(s): {', '.join(ids) or '-'}")
+    fields = retry_overrides(overrides or [])
+    job_uri, job = _target(target)
+    ids = reset(job_uri, flagged=flagged, overrides=fields, job=job)
+    what = "flagged" if flagged else "failed"
+    settings = f" with {', '.join(overrides)}" if fields else ""
+    typer.echo(f"reset {len(ids)} {what} subject(s){settings}: {', '.join(ids) or '-'}")
 
 
 def _scheduler(backend: str):

@@ -1,7 +1,7 @@
 """The job file: one typed, validated config tree (pydantic), loaded from YAML plus overrides.
 
-A job file has the sections model, adapter, train, prior, subjects, output, distributed and
-cluster. `load_job(path, ["train.steps=400"])` returns a `JobConfig` or raises `ConfigError`
+A job file has the sections model, adapter, train, prior, eval, subjects, output, distributed
+and cluster. `load_job(path, ["train.steps=400"])` returns a `JobConfig` or raises `ConfigError`
 listing every problem with its dotted path. Relative paths in the file are taken relative to
 the current working directory, as any command-line tool does.
 """
@@ -278,6 +278,8 @@ class TrainConfig(Section):
     buckets: bool = Field(False, description="Aspect-ratio buckets: each image is resized without distortion to the bucket (sides multiples of train.bucket_step, area at most resolution squared) nearest its aspect ratio, and each step draws its batch from one bucket; off: every image is square-cropped.")
     bucket_step: int = Field(64, gt=0, description="Side multiple of the aspect-ratio buckets in pixels (train.buckets); must divide train.resolution.")
     samples: SamplesConfig = Field(default_factory=SamplesConfig, description="Validation images rendered after training.")
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list, description="Experiment trackers, one run per subject tagged with the job and subject ids (training.trackers; the [trackers] extra); credentials and endpoints come from the workers' environment (WANDB_API_KEY, MLFLOW_TRACKING_URI), never from the job.")
+    tracker_project: str | None = Field(None, description="W&B project and MLflow experiment of the trackers' runs; default: the job name.")
 
     @field_validator("pack")
     @classmethod
@@ -310,6 +312,36 @@ class PriorConfig(Section):
     sample_steps: int = Field(25, gt=0, description="Sampler steps when generating class images.")
     guidance_scale: float = Field(7.5, ge=0, description="Guidance scale when generating class images.")
     store: Annotated[str, AfterValidator(location)] | None = Field(None, description="Where class images live (any URI); default <output>/<job>/priors.")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class EvalConfig(Section):
+    """Scores of every subject's samples (training.scores; DreamBooth's DINO, CLIP-I, CLIP-T) and
+    the quality gate. Not part of the fingerprint: scoring and thresholds never change an adapter."""
+
+    clip: Annotated[str, AfterValidator(location)] | None = Field(None, description="CLIP model (transformers CLIPModel layout) for CLIP-I and CLIP-T: a local path, an fsspec URI (staged into the node cache) or a Hub repo id; absent: no CLIP scores.")
+    dino: Annotated[str, AfterValidator(location)] | None = Field(None, description="DINO or DINOv2 ViT model (transformers layout) for the DINO score: a local path, an fsspec URI (staged into the node cache) or a Hub repo id; absent: no DINO score.")
+    revision: str | None = Field(None, description="Hub revision of eval.clip and eval.dino when they are Hub repo ids.")
+    clip_t_text: Literal["class", "sample"] = Field("class", description="Text CLIP-T compares each sample with: 'class' the sample prompt with the instance prompt replaced by the subject's class prompt (identifier removed; the sample prompt where a subject has no class prompt), 'sample' the prompt as rendered (identifier kept).")
+    base_model: bool = Field(False, description="Also render the same prompts with the adapter switched off and score them (scores.base), to show the adapter's gain.")
+    min_dino: float | None = Field(None, ge=-1, le=1, description="Flag a subject for review when its DINO score is below this.")
+    min_clip_i: float | None = Field(None, ge=-1, le=1, description="Flag a subject for review when its CLIP-I score is below this.")
+    min_clip_t: float | None = Field(None, ge=-1, le=1, description="Flag a subject for review when its CLIP-T score is below this.")
+
+    @model_validator(mode="after")
+    def _thresholds_need_their_model(self):
+        missing = [f"eval.{key} needs eval.{model}" for key, model in
+                   (("min_dino", "dino"), ("min_clip_i", "clip"), ("min_clip_t", "clip"))
+                   if getattr(self, key) is not None and getattr(self, model) is None]
+        if missing:
+            raise ValueError("; ".join(missing) + " (no model, no score to compare)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.clip or self.dino)
 
 
 # --------------------------------------------------------------------------- subjects
@@ -471,6 +503,7 @@ class JobConfig(Section):
     adapter: UNetAdapter = Field(default_factory=LoraAdapter, description="The adapter trained for each subject.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training settings.")
     prior: PriorConfig = Field(default_factory=PriorConfig, description="Prior preservation.")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Scores of each subject's samples and the quality gate.")
     subjects: list[Subject] | Annotated[str, AfterValidator(location)] = Field(description="Subjects inline, or a JSONL/CSV manifest path or URI.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Where and what to write.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Processes, nodes and parallel strategy.")

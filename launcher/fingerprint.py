@@ -6,7 +6,9 @@ is noticed instead of mixing two runs in one output.
 The settings are those that change a trained adapter: the model, the adapter, the training
 hyper-parameters, prior preservation. Those that change only how or how fast it is trained, or
 what is logged beside it (IGNORED), are left out, so a resubmit with `train.pack=8` or a
-finer `train.log_every` goes on where the last one stopped. Subjects are not part of it: adding
+finer `train.log_every` goes on where the last one stopped. The `eval` section (evaluator models, score
+thresholds) is not among SECTIONS: scoring never changes an adapter, so a changed threshold re-gates
+the recorded scores (launcher.quality) instead of forcing a retrain. Subjects are not part of it: adding
 subjects to a job is what resubmitting is for. The batch counts as the global batch (per-rank
 batch x accumulation x data-parallel ranks), so a run resumed with another layout of the same
 batch goes on.
@@ -34,7 +36,8 @@ log = logging.getLogger(__name__)
 FILE = "fingerprint.json"
 SECTIONS = ("model", "adapter", "train", "prior")
 IGNORED = {"model.cache_dir", "train.gradient_checkpointing", "train.checkpoint_every", "train.keep_checkpoints",
-           "train.log_every", "train.pack", "train.compile", "train.attention", "train.samples", "prior.store"}
+           "train.log_every", "train.pack", "train.compile", "train.attention", "train.samples", "prior.store",
+           "train.trackers", "train.tracker_project"}
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

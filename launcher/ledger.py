@@ -68,6 +68,10 @@ class SubjectStatus:
     lease: int = 0
     process: dict | None = None  # the worker's process (launcher.liveness), to tell a dead run from a slow one
     invalid: bool = False  # failed at the input check, never trained (launcher submit --skip-invalid)
+    scores: dict | None = None  # launcher.quality: {"dino", "clip_i", "clip_t", "base": {...}, ...} of the published samples
+    flagged: bool = False  # done, but a score is below its eval.min_* threshold: for review (retry-failed --flagged)
+    flag_reasons: list[str] = field(default_factory=list)  # which score is below which threshold
+    overrides: dict = field(default_factory=dict)  # per-subject settings of a retry (retry-failed KEY=VALUE), e.g. {"steps": 1200}
     history: list[dict] = field(default_factory=list)
 
     @classmethod

@@ -133,7 +133,8 @@ def container_notes(job: JobConfig, backend: str) -> list[str]:
         return []
     source = job.model.source
     hub_id = source.count("/") == 1 and not source.startswith(".")
-    named = [("model.source", None if hub_id else source), ("output.uri", job.output.uri), ("prior.store", job.prior.store)]
+    named = [("model.source", None if hub_id else source), ("output.uri", job.output.uri), ("prior.store", job.prior.store),
+             ("eval.clip", job.eval.clip), ("eval.dino", job.eval.dino)]
     if isinstance(job.subjects, str):
         named.append(("subjects", job.subjects))
     else:
@@ -161,6 +162,10 @@ def unsupported(job: JobConfig) -> list[str]:
                       "as subjects join and leave the pack, and every change would recompile the UNet")
     if job.train.pack != 1:
         errors += _unpackable(job)
+    if job.eval.enabled and not (job.train.samples.enabled and job.train.samples.prompts):
+        which = " and ".join(f"eval.{k}" for k in ("clip", "dino") if getattr(job.eval, k))
+        errors.append(f"{which} scores the samples, and train.samples renders none: set train.samples.enabled true "
+                      "(with at least one prompt), or drop the evaluator")
     workers = (job.cluster.shards or 1) * d.nnodes * d.nproc_per_node
     try:
         storage.require_exclusive_create(job.output.uri, workers)
@@ -193,10 +198,34 @@ def _unpackable(job: JobConfig) -> list[str]:
     return problems
 
 
+def check_evaluators(job: JobConfig) -> list[str]:
+    """eval.clip and eval.dino, where they can be read before a worker stages them: a folder (or a
+    URI) holding a transformers config.json. A Hub repo id is read when a worker downloads it."""
+    problems = []
+    for key in ("clip", "dino"):
+        source = getattr(job.eval, key)
+        if not source:
+            continue
+        local = "://" not in source
+        if local and not storage.local_path(source).exists() and source.count("/") == 1 and not source.startswith("."):
+            continue  # a Hub repo id
+        try:
+            found = storage.exists(storage.join(source, "config.json"))
+        except StorageError as exc:
+            problems.append(f"eval.{key}: {storage.redact(source)}: {exc}")
+            continue
+        if not found:
+            what = "does not exist" if local and not storage.local_path(source).exists() else "holds no config.json"
+            problems.append(f"eval.{key}: {storage.redact(source)} {what} (a transformers model folder: config.json, "
+                            "the weights, and its image processor and tokenizer files)")
+    return problems
+
+
 def check_job(job: JobConfig, check_inputs: bool = True) -> tuple[list[str], list[str]]:
     errors: list[str] = unsupported(job)
     if check_inputs:
         errors += check_model(job)
+        errors += check_evaluators(job)
         subjects = resolve_subjects(job)
         errors += [f"subject {sid}: {p}" for sid, problems in check_subjects(subjects, job.train.prompt_template).items()
                    for p in problems]

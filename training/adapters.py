@@ -7,6 +7,7 @@ injected under the name "default" and kept in fp32 whatever the base dtype.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -108,3 +109,19 @@ def restore(model: torch.nn.Module, snap: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, value in snap.items():
             params[name].copy_(value)
+
+
+@contextmanager
+def switched_off(*models: torch.nn.Module):
+    """The models run as the base model inside: every adapter layer (LoRA, LoHa, LoKr) disabled,
+    and enabled again on exit (eval.base_model's samples)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for model in models for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)

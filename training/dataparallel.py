@@ -216,10 +216,12 @@ def run_data_parallel(job: JobConfig, env: WorkerEnv, preemption: Preemption, su
 
 def _run_subject(job, env, preemption, worker: Worker, accelerator, subject: Subject, class_images) -> Outcome:
     keeper, why = lease.begin(job, subject, worker.owner) if env.is_main else (None, None)
-    go, why = _broadcast((keeper is not None, why) if env.is_main else None)
+    go, why, overrides = _broadcast((keeper is not None, why, keeper.status.overrides if keeper else {})
+                                    if env.is_main else None)
     if not go:
         log.info("subject %s: skipped (%s)", subject.id, why)
         return Outcome(subject.id, "skipped", why)
+    subject = lease.with_overrides(subject, overrides)  # a retry's per-subject overrides, on every rank
     steps = subject.steps or job.train.steps
     try:
         result = _train(job, env, preemption, worker, accelerator, subject, class_images, steps, keeper)
@@ -367,8 +369,8 @@ def _train(job, env, preemption, worker: Worker, accelerator, subject, class_ima
     if not _broadcast(keeper.held() if env.is_main else None):
         return Outcome(subject.id, "skipped", "taken over by another worker; not published")
     if env.is_main:
-        _publish(worker, subject, states, steps, metrics)
-        keeper.update(state="done", step=steps, final_loss=final_loss, finished_at=time.time())
+        scored = _publish(worker, subject, states, steps, metrics)
+        keeper.update(state="done", step=steps, final_loss=final_loss, finished_at=time.time(), **scored)
     dist.barrier()
     return Outcome(subject.id, "done", f"{steps} steps", final_loss)
 
@@ -480,7 +482,7 @@ def _load_engine(job, model, optimizer, directory: Path) -> None:
 
 
 def _publish(worker: Worker, subject: Subject, states: dict[str, dict[str, torch.Tensor]], steps: int,
-             metrics: list[str]) -> None:
+             metrics: list[str]) -> dict:
     """Export from the worker's own (never partitioned) models carrying the gathered adapters:
     the same files, samples included, as a single-process run writes. Later subjects train
     fresh copies whose adapters are reset, so these weights go nowhere else."""
@@ -489,4 +491,4 @@ def _publish(worker: Worker, subject: Subject, states: dict[str, dict[str, torch
     with tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
         if metrics:
             (Path(tmp) / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
-        worker.publish(subject, Path(tmp), steps)
+        return worker.publish(subject, Path(tmp), steps)

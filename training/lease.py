@@ -114,8 +114,9 @@ class StatusKeeper:
     heartbeat from a background thread. Once a successor has taken the subject over, nothing
     more is written (`lost`)."""
 
-    def __init__(self, job_uri: str, status: SubjectStatus, claim: Claim, every_s: float):
+    def __init__(self, job_uri: str, status: SubjectStatus, claim: Claim, every_s: float, subject: Subject | None = None):
         self.job_uri, self.status, self.claim, self.every_s = job_uri, status, claim, every_s
+        self.subject = subject  # what is trained: the job's subject with the status's overrides (with_overrides)
         self.lost = False
         self._lock = threading.Lock()
         self._heart = Heartbeat(self.update, every_s, f"heartbeat of {status.id}")
@@ -155,6 +156,12 @@ class StatusKeeper:
         self.update(state="failed", error=one_line(exc), finished_at=time.time())
 
 
+def with_overrides(subject: Subject, overrides: dict | None) -> Subject:
+    """The subject with a retry's per-subject settings (SubjectStatus.overrides: Subject fields,
+    e.g. {"steps": 1200}, set by `launcher retry-failed KEY=VALUE`)."""
+    return subject.model_copy(update=overrides) if overrides else subject
+
+
 def begin(job: JobConfig, subject: Subject, owner: str) -> tuple[StatusKeeper | None, str]:
     """Claim the subject and mark it running (heartbeat started), or say why not."""
     job_uri = job.job_uri
@@ -174,8 +181,9 @@ def begin(job: JobConfig, subject: Subject, owner: str) -> tuple[StatusKeeper | 
         if status is not None and status.state == "done":
             return None, "already done"
     status = status or SubjectStatus(id=subject.id)
+    subject = with_overrides(subject, status.overrides)
     now = time.time()
-    keeper = StatusKeeper(job_uri, status, claim, job.output.heartbeat_s)
+    keeper = StatusKeeper(job_uri, status, claim, job.output.heartbeat_s, subject)
     keeper.update(state="running", attempts=status.attempts + 1, worker=owner, process=liveness.current(), error=None,
                   started_at=now,
                   steps=subject.steps or job.train.steps, lease=claim.seq,

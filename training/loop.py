@@ -294,8 +294,11 @@ def _save_checkpoint(c, job, stepper, gen, step, work: Path, subject_uri: str, m
 
 
 def train_subject(c: Components, job: JobConfig, subject: Subject, data: SubjectData, work: Path, subject_uri: str,
-                  preemption: Preemption, on_step: Callable[[int, int, float | None], None] | None = None) -> TrainResult:
-    """Train the (freshly reset) adapters on one subject; resumes from its latest checkpoint."""
+                  preemption: Preemption, on_step: Callable[[int, int, float | None], None] | None = None,
+                  on_log: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train the (freshly reset) adapters on one subject; resumes from its latest checkpoint.
+    `on_step` sees every step (with the interval's mean loss at a logging step), `on_log` every
+    metrics.jsonl line as it is written (the experiment trackers)."""
     t = job.train
     steps = subject.steps or t.steps
     lr = subject.learning_rate or t.learning_rate
@@ -353,6 +356,8 @@ def train_subject(c: Components, job: JobConfig, subject: Subject, data: Subject
                             "elapsed_s": round(time.perf_counter() - started, 3)}
                     metrics_file.write(json.dumps(line) + "\n")
                     metrics_file.flush()
+                    if on_log:
+                        on_log(line)
                     if on_step:
                         on_step(step, steps, mean_loss)
                 elif on_step:

@@ -215,6 +215,7 @@ def _admit(worker, trainer, slot, subject, class_images, outcomes) -> None:
     if keeper is None:
         outcomes.append(Outcome(subject.id, "skipped", why))  # as runner: the exit code reflects this run
         return
+    subject = keeper.subject  # with a retry's per-subject overrides
     log.info("subject %s: training in packed slot %d (%s)", subject.id, slot, why)
     try:
         data = prepare_subject(worker.c, job, subject, image_uris(subject), class_images.get(subject.class_prompt),
@@ -272,12 +273,12 @@ def _finish(worker: Worker, trainer: PackedTrainer, i: int, outcomes: list[Outco
         try:
             adapters.load_adapter_state_dict(c.denoiser, packed.slot_state_dict(trainer.layers, i))
             c.denoiser.eval()
-            worker.publish(s.subject, Path(s.work.name), s.steps)
+            scored = worker.publish(s.subject, Path(s.work.name), s.steps)
         finally:
             c.denoiser.train()
             for name, layer in trainer.layers.items():
                 packed._set_submodule(c.denoiser, name, layer)
-        s.keeper.update(state="done", step=s.step, final_loss=s.final_loss, finished_at=time.time())
+        s.keeper.update(state="done", step=s.step, final_loss=s.final_loss, finished_at=time.time(), **scored)
         outcomes.append(Outcome(s.subject.id, "done", f"{s.step} steps", s.final_loss))
     except Exception as exc:  # this subject's alone (training.failures), unless the process is unusable
         log_failure(log, s.subject.id, exc)

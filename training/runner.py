@@ -14,13 +14,12 @@ import torch
 from launcher import ledger, storage
 from launcher.config import JobConfig, Subject, dump_job
 from launcher.subjects import image_uris
-from training import adapters, cpu_attention, export, failures, lease, priors, prompts
+from training import adapters, cpu_attention, evaluation, export, failures, lease, priors, prompts, trackers
 from training.components import Components, cache_prompts_and_free, load_components
 from training.env import Preemption, WorkerEnv
 from training.lease import Outcome
 from training.loop import prepare_subject, subject_seed, train_subject
 from training.progress import Progress
-from training.sampling import write_samples
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +32,7 @@ class Worker:
         self.progress = Progress(env.rank)
         self.c: Components | None = None
         self.init_state: dict[str, dict] = {}
+        self.evaluators = None  # training.scores.Evaluators, when the job names eval.clip or eval.dino
 
     # ---------------------------------------------------------------- setup
     def setup(self, subjects: list[Subject]) -> dict[str, list[str]]:
@@ -52,6 +52,11 @@ class Worker:
         self.specs = adapters.specs(job.adapter, self.c.family)
         self.train_te = len(self.specs) > 1
         cpu_attention.install(self.c.denoiser, "sdpa" if job.train.compile else job.train.attention)
+        trackers.check_installed(job.train.trackers)
+        if job.eval.enabled:  # loaded before any training: a wrong evaluator fails the run, not every subject
+            from training.scores import load_evaluators
+
+            self.evaluators = load_evaluators(job.eval, job.model, self.device)
         class_images: dict[str, list[str]] = {}
         if job.prior.enabled:
             store = job.prior.store or storage.join(self.job_uri, "priors")
@@ -78,11 +83,14 @@ class Worker:
         if keeper is None:
             log.info("subject %s: skipped (%s)", subject.id, why)
             return Outcome(subject.id, "skipped", why)  # the exit code reflects what this run attempted
+        subject = keeper.subject  # with a retry's per-subject overrides (launcher retry-failed KEY=VALUE)
         log.info("subject %s: training (%s)", subject.id, why)
         steps = keeper.status.steps
         with keeper, tempfile.TemporaryDirectory(prefix=f"dreamfleet-{subject.id}-") as tmp:
             work = Path(tmp)
+            tracker = trackers.NoTrackers()
             try:
+                tracker = trackers.open_trackers(job, subject.id, work)
                 for part, init in self.init_state.items():
                     adapters.restore(c.part(part), init)
                 data = prepare_subject(c, job, subject, image_uris(subject), class_images, self.train_te)
@@ -93,7 +101,7 @@ class Worker:
                         self.progress.step(step, total, loss)
 
                     result = train_subject(c, job, subject, data, work, ledger.subject_uri(self.job_uri, subject.id),
-                                           self.preemption, on_step=on_step)
+                                           self.preemption, on_step=on_step, on_log=tracker.log_line)
                 finally:
                     self.progress.end_subject()
                 if result.preempted:
@@ -101,18 +109,26 @@ class Worker:
                     return Outcome(subject.id, "preempted", f"checkpointed at step {result.step}")
                 if not keeper.held():
                     return Outcome(subject.id, "skipped", "taken over by another worker; not published")
-                self.publish(subject, work, steps)
-                keeper.update(state="done", step=result.step, final_loss=result.final_loss, finished_at=time.time())
+                scored = self.publish(subject, work, steps, tracker)
+                keeper.update(state="done", step=result.step, final_loss=result.final_loss, finished_at=time.time(),
+                              **scored)
                 return Outcome(subject.id, "done", f"{result.step} steps", result.final_loss)
             except Exception as exc:  # any failure is this subject's alone, unless the process is unusable
                 failures.log_failure(log, subject.id, exc)
                 keeper.fail(exc)
+                tracker.close(failed=True)
                 if failures.is_fatal(exc):
                     raise
                 return Outcome(subject.id, "failed", str(exc))
+            finally:
+                tracker.close()  # preempted or taken over: the run ends here too (a later attempt opens a new one)
 
-    def publish(self, subject: Subject, work: Path, steps: int) -> None:
-        """Write every format and samples into a local folder, then publish it (manifest last)."""
+    def publish(self, subject: Subject, work: Path, steps: int, tracker=None) -> dict:
+        """Write every format, samples and their scores into a local folder, then publish it
+        (manifest last). Returns the status fields of the scores (training.evaluation).
+        `tracker`: the subject's open experiment trackers (training.trackers), which get the samples
+        and scores and are closed here; without one (the packed and data-parallel loops) the
+        job's trackers are opened here and given metrics.jsonl first."""
         job, c = self.job, self.c
         final = work / "final"
         final.mkdir()
@@ -125,11 +141,18 @@ class Worker:
         export.write_all(trained, final, job.output.formats, subject.id)
         if (work / "metrics.jsonl").exists():
             (final / "metrics.jsonl").write_bytes((work / "metrics.jsonl").read_bytes())
-        s = job.train.samples
-        if s.enabled and s.prompts:
-            write_samples(c, s.prompts, subject.instance_prompt, final / "samples", job.train.resolution,
-                          s.num_inference_steps, s.guidance_scale, subject_seed(job.train.seed, subject.id))
+        if tracker is None:
+            tracker = trackers.open_trackers(job, subject.id, work)
+            trackers.replay(tracker, final / "metrics.jsonl")
+        try:
+            scored = evaluation.samples_and_scores(c, job, subject, final, steps, subject_seed(job.train.seed, subject.id),
+                                                   self.evaluators)
+            trackers.log_outputs(tracker, final, steps, scored["scores"])
+        finally:
+            tracker.close()
+        tracker.publish_into(final)
         storage.publish_dir(final, ledger.subject_uri(self.job_uri, subject.id), extra={"subject": subject.id})
+        return scored
 
     # ---------------------------------------------------------------- all
     def run(self, subjects: list[Subject]) -> list[Outcome]:

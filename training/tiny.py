@@ -12,6 +12,8 @@ downloaded.
     python -m training.tiny sd15 DIR             # SD 1.5 layer sizes, random weights (GPU benchmarks)
     python -m training.tiny sdxl DIR             # SDXL layer sizes, random weights (GPU benchmarks)
     python -m training.tiny flux DIR             # FLUX.1-dev layer sizes (2-layer T5), bf16 random weights (GPU)
+    python -m training.tiny clip DIR             # a CLIP evaluator (eval.clip)
+    python -m training.tiny dino DIR             # a DINOv2 evaluator (eval.dino)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import tempfile
 from pathlib import Path
 
 TINY_RESOLUTION = 64
@@ -253,6 +256,52 @@ def build_tiny_flux(directory: str | Path, seed: int = 0, shape: str = "tiny") -
     return directory
 
 
+# Evaluator models (training.scores): a CLIP and a DINOv2 ViT over 32 px images in 8 px patches
+EVAL_TINY = {
+    "text": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4),
+    "vision": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+                   patch_size=8),
+    "projection_dim": 16,
+}
+
+
+def build_tiny_clip(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random-weight CLIPModel with its tokenizer and image processor (the layout
+    eval.clip names); returns the directory."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:  # the vocabulary files; save_pretrained writes the tokenizer's own
+        tokenizer = _tokenizer(Path(tmp))
+    text = _text_config(tokenizer, EVAL_TINY["text"]).to_dict()
+    config = CLIPConfig(text_config=text, vision_config=EVAL_TINY["vision"], projection_dim=EVAL_TINY["projection_dim"])
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    side = EVAL_TINY["vision"]["image_size"]
+    CLIPImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side}).save_pretrained(directory)
+    return directory
+
+
+def build_tiny_dino(directory: str | Path, seed: int = 0) -> Path:
+    """Save a random-weight DINOv2 ViT with its image processor (the layout eval.dino names)."""
+    import torch
+    from transformers import BitImageProcessor, Dinov2Config, Dinov2Model
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    v = EVAL_TINY["vision"]
+    config = Dinov2Config(hidden_size=v["hidden_size"], num_hidden_layers=v["num_hidden_layers"],
+                          num_attention_heads=v["num_attention_heads"], mlp_ratio=1, image_size=v["image_size"],
+                          patch_size=v["patch_size"])
+    Dinov2Model(config).save_pretrained(directory)
+    side = v["image_size"]
+    BitImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side},
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(directory)
+    return directory
+
+
 PALETTE = [(220, 60, 60), (60, 160, 80), (60, 90, 220), (230, 180, 40), (160, 70, 200), (40, 190, 200)]
 
 
@@ -291,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
     xl.add_argument("directory")
     fx = sub.add_parser("flux", help="build a FLUX.1-shaped random-weight model (for GPU benchmarks; 24 GB)")
     fx.add_argument("directory")
+    for name, what in (("clip", "CLIP"), ("dino", "DINOv2")):
+        sub.add_parser(name, help=f"build a tiny random-weight {what} evaluator (eval.{name})").add_argument("directory")
     s = sub.add_parser("subjects", help="write synthetic subject image folders")
     s.add_argument("directory")
     s.add_argument("--count", type=int, default=3)
@@ -309,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         print(build_tiny_sdxl(args.directory, shape="sdxl"))
     elif args.what == "flux":
         print(build_tiny_flux(args.directory, shape="flux"))
+    elif args.what == "clip":
+        print(build_tiny_clip(args.directory))
+    elif args.what == "dino":
+        print(build_tiny_dino(args.directory))
     else:
         for i in range(args.count):
             print(write_subject_images(Path(args.directory) / f"subject-{i}", i, args.images))
