@@ -421,6 +421,38 @@ def test_t5_is_freed_once_every_prompt_is_cached(tmp_path, tiny_flux, subjects_r
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 
+def test_t5_is_freed_after_every_captioned_prompt_is_cached(tmp_path, tiny_flux, caplog):
+    """With captions and caption dropout, every image's prompt and the empty one are encoded before
+    T5 goes; a subject whose captions cannot be read fails by name and the other trains."""
+    import logging
+
+    from launcher.config import load_job
+    from training import runner
+    from training.env import Preemption, WorkerEnv
+    from training.tiny import write_subject_images
+
+    good = write_subject_images(tmp_path / "good", 0, count=2, size=48)
+    bad = write_subject_images(tmp_path / "bad", 1, count=2, size=48)
+    for folder in (good, bad):
+        (folder / "000.txt").write_text("on a sofa")
+        (folder / "001.txt").write_text("in the snow")
+    (bad / "001.txt").write_bytes(b"\xff not utf-8")
+    subjects = [{"id": sid, "images": str(folder), "instance_prompt": f"sks {sid}"} for sid, folder in
+                (("good", good), ("bad", bad))]
+    job = load_job(write_job(tmp_path / "job.yaml", job_dict(
+        tiny_flux, subjects, tmp_path / "out", name="captions",
+        train={"prompt_template": "{instance}, {caption}", "caption_dropout": 0.5})))
+    worker = runner.Worker(job, WorkerEnv(), Preemption(), torch.device("cpu"), "test")
+    with caplog.at_level(logging.INFO, logger="training.components"):
+        states = {o.subject: o.state for o in worker.run(list(job.subjects))}
+    assert states == {"good": "done", "bad": "failed"}
+    assert "text_encoder_2" not in worker.c.text_encoders
+    assert set(worker.c.prompts) == {"sks good, on a sofa", "sks good, in the snow", ""}
+    assert "freed text_encoder_2 after caching 3 prompt(s)" in caplog.text
+    status = json.loads((_subject(tmp_path / "out", "captions", "bad") / "status.json").read_text())
+    assert "is not UTF-8 text" in status["error"]
+
+
 # ------------------------------------------------------------------ the kohya/ComfyUI file, convert, merge
 
 # every module kind the BFL naming has a place for: the comprehensive preset, modulations, embedders
