@@ -72,6 +72,21 @@ def subject_entry(root: Path, i: int, **extra) -> dict:
 FLEET_BAD = {"f03": "truncated", "f11": "empty", "f17": "not an image"}
 
 
+def captioned_subjects(root: Path, size: int = 40) -> list[dict]:
+    """Two subjects of two captioned images each: "good", and "bad" whose second caption file is
+    not UTF-8 text (it fails by name; the other trains)."""
+    from training.tiny import write_subject_images
+
+    subjects = []
+    for i, sid in enumerate(("good", "bad")):
+        folder = write_subject_images(root / sid, i, count=2, size=size)
+        (folder / "000.txt").write_text("on a sofa")
+        (folder / "001.txt").write_text("in the snow")
+        subjects.append({"id": sid, "images": str(folder), "instance_prompt": f"sks {sid}"})
+    (root / "bad" / "001.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    return subjects
+
+
 @pytest.fixture(scope="session")
 def fleet_subjects(tmp_path_factory) -> list[dict]:
     """Twenty subjects of two classes (dogs and cats), three of them bad (FLEET_BAD)."""

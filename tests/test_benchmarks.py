@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -77,15 +78,34 @@ def _vs_reference():
     return module
 
 
+def _prepared(vr, tmp_path: Path, family: str, other: str):
+    """vs_reference's arguments for a 2-subject packed run of `family` (after checking it refuses
+    the `other` family's model), and the tiny model and images it prepares."""
+    script = tmp_path / f"train_dreambooth_lora_{family}.py"  # the user's copy stands here; it is not run
+    script.write_text("")
+    with pytest.raises(SystemExit, match=f"--model {other} is not a {family} model; with --family {family} use one of "
+                                         f"tiny, {family}"):
+        vr.parse_args(["--reference-script", str(script), "--family", family, "--model", other])
+    args = vr.parse_args(["--reference-script", str(script), "--python", sys.executable, "--family", family,
+                          "--resolution", "32", "--subjects", "2", "--batch-set", "train.pack=2", "--out", str(tmp_path)])
+    return (args, *vr.prepare(args, tmp_path))
+
+
+def _published_keys(out: Path, subjects: int) -> list[list[str]]:
+    """The adapter keys of each benchmark subject, each subject checked done."""
+    found = []
+    for i in range(subjects):
+        subject = out / "bench" / "subjects" / f"bench-{i}"
+        assert json.loads((subject / "status.json").read_text())["state"] == "done"
+        with safe_open(str(subject / "pytorch_lora_weights.safetensors"), "pt") as f:
+            found.append(list(f.keys()))
+    return found
+
+
 def test_vs_reference_sdxl_matches_the_reference_flags_and_runs_dreamfleets_packed_job(tmp_path, capsys):
     vr = _vs_reference()
-    script = tmp_path / "train_dreambooth_lora_sdxl.py"  # the user's copy stands here; it is not run
-    script.write_text("")
-    with pytest.raises(SystemExit, match="--model sd15 is not a sdxl model; with --family sdxl use one of tiny, sdxl"):
-        vr.parse_args(["--reference-script", str(script), "--family", "sdxl", "--model", "sd15"])
-    args = vr.parse_args(["--reference-script", str(script), "--python", sys.executable, "--family", "sdxl",
-                          "--resolution", "32", "--subjects", "2", "--batch-set", "train.pack=2", "--out", str(tmp_path)])
-    model, images = vr.prepare(args, tmp_path)
+    args, model, images = _prepared(vr, tmp_path, "sdxl", "sd15")
+    script = args.reference_script
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     assert (model / "text_encoder_2").is_dir() and len(list(images.parent.glob("images-*"))) == 2
 
@@ -109,11 +129,7 @@ def test_vs_reference_sdxl_matches_the_reference_flags_and_runs_dreamfleets_pack
     timing = vr.timed(cmd, tmp_path / "dreamfleet-x2.log", gpu=False)
     assert timing["wall_s"] > 0 and timing["rss_mib"] > 100, timing
     assert "loaded a sdxl model" in (tmp_path / "dreamfleet-x2.log").read_text()
-    for i in range(2):
-        subject = out / "bench" / "subjects" / f"bench-{i}"
-        assert json.loads((subject / "status.json").read_text())["state"] == "done"
-        with safe_open(str(subject / "pytorch_lora_weights.safetensors"), "pt") as f:
-            keys = list(f.keys())
+    for keys in _published_keys(out, 2):
         # the same adapter as the reference's: UNet LoRA only, on the four attention projections
         assert keys and all(k.startswith("unet.") for k in keys), keys[:5]
         assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"to_k", "to_q", "to_v", "0"}, keys[:5]
@@ -121,13 +137,7 @@ def test_vs_reference_sdxl_matches_the_reference_flags_and_runs_dreamfleets_pack
 
 def test_vs_reference_flux_matches_the_reference_flags_and_runs_dreamfleets_packed_job(tmp_path):
     vr = _vs_reference()
-    script = tmp_path / "train_dreambooth_lora_flux.py"  # the user's copy stands here; it is not run
-    script.write_text("")
-    with pytest.raises(SystemExit, match="--model sdxl is not a flux model; with --family flux use one of tiny, flux"):
-        vr.parse_args(["--reference-script", str(script), "--family", "flux", "--model", "sdxl"])
-    args = vr.parse_args(["--reference-script", str(script), "--python", sys.executable, "--family", "flux",
-                          "--resolution", "32", "--subjects", "2", "--batch-set", "train.pack=2", "--out", str(tmp_path)])
-    model, images = vr.prepare(args, tmp_path)
+    args, model, images = _prepared(vr, tmp_path, "flux", "sdxl")
     assert json.loads((model / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
     ref = vr.reference_command(args, model, images, 7, tmp_path / "ref")
     # the same targets, guidance, timestep density and T5 length as dreamfleet's job; latents cached
@@ -144,10 +154,6 @@ def test_vs_reference_flux_matches_the_reference_flags_and_runs_dreamfleets_pack
     timing = vr.timed(cmd, tmp_path / "dreamfleet-x2.log", gpu=False)
     assert timing["wall_s"] > 0, timing
     assert "loaded a flux model" in (tmp_path / "dreamfleet-x2.log").read_text()
-    for i in range(2):
-        subject = out / "bench" / "subjects" / f"bench-{i}"
-        assert json.loads((subject / "status.json").read_text())["state"] == "done"
-        with safe_open(str(subject / "pytorch_lora_weights.safetensors"), "pt") as f:
-            keys = list(f.keys())
+    for keys in _published_keys(out, 2):
         assert keys and all(k.startswith("transformer.") for k in keys), keys[:5]
         assert {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys} == {"to_k", "to_q", "to_v", "0"}, keys[:5]

@@ -172,17 +172,9 @@ def test_a_csv_manifest_takes_captions_as_a_json_object_cell(tmp_path):
 
 
 def test_a_bad_caption_file_fails_its_subject_by_name_and_the_others_train(tiny_model, tmp_path):
-    from conftest import job_dict, run_worker, write_job
-    from training.tiny import write_subject_images
+    from conftest import captioned_subjects, job_dict, run_worker, write_job
 
-    good = write_subject_images(tmp_path / "good", 0, count=2, size=40)
-    bad = write_subject_images(tmp_path / "bad", 1, count=2, size=40)
-    for folder in (good, bad):
-        (folder / "000.txt").write_text("first")
-        (folder / "001.txt").write_text("second")
-    (bad / "001.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
-    subjects = [{"id": sid, "images": str(folder), "instance_prompt": f"sks {sid}"}
-                for sid, folder in (("good", good), ("bad", bad))]
+    subjects = captioned_subjects(tmp_path)
     job = write_job(tmp_path / "job.yaml", job_dict(tiny_model, subjects, tmp_path / "out",
                                                     train={"prompt_template": "{instance}, {caption}"}))
     proc = run_worker(job)
@@ -190,5 +182,5 @@ def test_a_bad_caption_file_fails_its_subject_by_name_and_the_others_train(tiny_
     root = tmp_path / "out" / "t" / "subjects"
     status = json.loads((root / "bad" / "status.json").read_text())
     assert status["state"] == "failed"
-    assert f"caption file {bad / '001.txt'} is not UTF-8 text (byte 0xff at offset 0)" in status["error"]
+    assert f"caption file {tmp_path / 'bad' / '001.txt'} is not UTF-8 text (byte 0xff at offset 0)" in status["error"]
     assert json.loads((root / "good" / "status.json").read_text())["state"] == "done"

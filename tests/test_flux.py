@@ -15,7 +15,7 @@ import torch
 import yaml
 
 import family_runs
-from conftest import job_dict, preempt_at_step, run_cli, run_worker, subject_entry, write_job
+from conftest import captioned_subjects, job_dict, preempt_at_step, run_cli, run_worker, subject_entry, write_job
 
 pytestmark = pytest.mark.slow
 
@@ -429,16 +429,8 @@ def test_t5_is_freed_after_every_captioned_prompt_is_cached(tmp_path, tiny_flux,
     from launcher.config import load_job
     from training import runner
     from training.env import Preemption, WorkerEnv
-    from training.tiny import write_subject_images
 
-    good = write_subject_images(tmp_path / "good", 0, count=2, size=48)
-    bad = write_subject_images(tmp_path / "bad", 1, count=2, size=48)
-    for folder in (good, bad):
-        (folder / "000.txt").write_text("on a sofa")
-        (folder / "001.txt").write_text("in the snow")
-    (bad / "001.txt").write_bytes(b"\xff not utf-8")
-    subjects = [{"id": sid, "images": str(folder), "instance_prompt": f"sks {sid}"} for sid, folder in
-                (("good", good), ("bad", bad))]
+    subjects = captioned_subjects(tmp_path, size=48)
     job = load_job(write_job(tmp_path / "job.yaml", job_dict(
         tiny_flux, subjects, tmp_path / "out", name="captions",
         train={"prompt_template": "{instance}, {caption}", "caption_dropout": 0.5})))
