@@ -62,14 +62,18 @@ def test_portrait_and_landscape_images_train_at_their_bucket_shapes(tiny_model, 
                                  train={**BUCKETED, "batch_size": 2, "random_flip": True}))
     c = load_components(job.model, torch.device("cpu"))
     [subject] = resolve_subjects(job)
-    squares = [str(tmp_path / f"class{i}.png") for i in range(2)]
-    for p in squares:
-        Image.new("RGB", (32, 32), (9, 9, 9)).save(p)
-    data = prepare_subject(c, job, subject, image_uris(subject), squares, False)
+    # the class set: two squares and a 3:4 portrait
+    classes = [str(tmp_path / f"class{i}.png") for i in range(3)]
+    for p, size in zip(classes, [(32, 32), (32, 32), (30, 40)]):
+        Image.new("RGB", size, (9, 9, 9)).save(p)
+    data = prepare_subject(c, job, subject, image_uris(subject), classes, False)
     # the VAE halves each side: portrait 24x32 px -> 12x16 latents, 16:9 -> 40x24 px -> 20x12, square 32x32 -> 16x16
     assert sorted(cache.shape for cache in data.instance) == [(4, 12, 20), (4, 16, 12), (4, 16, 16)]
     assert all(len(cache) == 2 for cache in data.instance)  # each image and its mirror image
     assert [p.shape for p in data.prior] == [i.shape for i in data.instance]  # class latents at each bucket's shape
+    # a bucket the class set has trains with its own class images; the 16:9 one (none) with all three cropped
+    prior_rows = {p.shape: len(p) for p in data.prior}
+    assert prior_rows == {(4, 16, 12): 2, (4, 16, 16): 4, (4, 12, 20): 6}, prior_rows
     gen = torch.Generator().manual_seed(0)
     seen = set()
     for _ in range(12):

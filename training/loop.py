@@ -63,12 +63,22 @@ def prepare_subject(c: Components, job: JobConfig, subject: Subject, image_uris:
                                prompt=[table.index(texts[i]) for i in g]) for g in groups]
     data = SubjectData(instance, table, caption_dropout=t.caption_dropout)
     if class_image_uris:
-        # the class images at each instance bucket's shape: a step's instance and prior rows share one
-        shapes = [images[g[0]][0].shape for g in groups]
-        data.prior = [encode_latents(c.vae, load_images(class_image_uris, t, gen, target=_fixed(shape)), c.device,
-                                     t.random_flip) for shape in shapes]
+        data.prior = [encode_latents(c.vae, rows, c.device, t.random_flip) for rows in
+                      _class_rows(t, gen, class_image_uris, [images[g[0]][0].shape for g in groups])]
         data.class_prompt = prompts.encode(c, [subject.class_prompt], train_text_encoder)
     return data
+
+
+def _class_rows(t, gen: torch.Generator, uris: list[str], shapes: list[torch.Size]) -> list[list]:
+    """The class images for each instance bucket shape. A step's instance and prior rows share one
+    shape (one forward), so a bucket trains with the class images of that bucket (the class set's
+    own buckets); where the class set has none there (model-generated class images are all
+    square), with every class image cropped to the bucket's shape."""
+    if not t.buckets:
+        return [load_images(uris, t, gen)]
+    own = load_images(uris, t, gen, target=buckets.target(t))
+    by_shape = {tuple(own[g[0]][0].shape): [own[i] for i in g] for g in buckets.group([x.shape for x, _ in own])}
+    return [by_shape.get(tuple(shape)) or load_images(uris, t, gen, target=_fixed(shape)) for shape in shapes]
 
 
 def _fixed(shape: torch.Size):
