@@ -280,10 +280,11 @@ def test_flux_ddp_with_a_clip_adapter_equals_one_process(tmp_path, tiny_flux, su
     family_runs.assert_ddp_equals_one_process(tmp_path, tiny_flux, subjects_root, spec, ("transformer", "text_encoder"))
 
 
-def test_flux_zero2_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_flux_zero_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root, stage):
     spec = {**ADAPTERS["lora"], "text_encoder": {"type": "lora", "rank": 2}}
-    family_runs.assert_zero2_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root, spec,
-                                                    ("transformer", "text_encoder"))
+    family_runs.assert_zero_saves_the_full_adapter(tmp_path, tiny_flux, subjects_root, spec,
+                                                   ("transformer", "text_encoder"), stage)
 
 
 def test_flux_preempted_run_resumes_to_the_straight_result(tmp_path, tiny_flux, subjects_root, monkeypatch):

@@ -197,7 +197,7 @@ def test_sdxl_ddp_with_both_text_encoders_equals_one_process(tmp_path, tiny_sdxl
 
 
 def test_sdxl_zero2_saves_the_full_adapter(tmp_path, tiny_sdxl, subjects_root):
-    family_runs.assert_zero2_saves_the_full_adapter(tmp_path, tiny_sdxl, subjects_root,
+    family_runs.assert_zero_saves_the_full_adapter(tmp_path, tiny_sdxl, subjects_root,
                                                     _with_te({"type": "lora", "rank": 4}), ("unet", *TE_PARTS))
 
 
