@@ -245,7 +245,7 @@ class DataCheck:
 
 def check_data(job: JobConfig, subjects: list[Subject], min_side: int = MIN_SIDE, progress: bool = False) -> DataCheck:
     """The job's settings, its model, and the fleet data check of every subject (launcher.inputs_check)."""
-    errors = unsupported(job) + check_model(job)
+    errors = unsupported(job) + check_model(job) + check_evaluators(job)
     started = time.perf_counter()
     reports = check_inputs(subjects, job.train.prompt_template, min_side, progress=progress)
     seconds = time.perf_counter() - started

@@ -73,7 +73,8 @@ def test_each_adapter_trains_and_writes_the_contract(make_job, tiny_model, kind,
     assert (out / "adapter" / "text_encoder" / "adapter_model.safetensors").exists() == with_te
     assert (out / "s0.safetensors").exists()
     assert (out / "pytorch_lora_weights.safetensors").exists() == (kind == "lora")
-    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00.png", "prompts.txt"]
+    # the sample, its prompts, and the report's thumbnails of the photos and samples (launcher/thumbnails.py)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["00.png", "prompts.txt", "thumbnails.json"]
     assert (out / "MANIFEST.json").exists()
     assert (out.parent.parent / "job.yaml").exists()
 
