@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import image_build
 import pytest
 import yaml
 
@@ -20,6 +21,20 @@ REPO = Path(__file__).resolve().parent.parent
 pytest_plugins = ["slurm_cluster", "s3"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 RESOLUTION = 32
+
+
+# ------------------------------------------------------------------ the worker image, built in the background
+
+
+def pytest_collection_finish(session):
+    """Start the container tests' image build now, beside the tests before them (tests/image_build.py)."""
+    if (os.geteuid() == 0 and all(shutil.which(b) for b in ("podman", "debootstrap", "runc"))
+            and any("image" in getattr(item, "fixturenames", ()) for item in session.items)):
+        image_build.start()
+
+
+def pytest_sessionfinish(session):
+    image_build.stop()
 
 
 # ------------------------------------------------------------------ CI: skips are failures

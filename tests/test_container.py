@@ -4,8 +4,9 @@ with debootstrap (no registry is reachable), the local CPU torch wheel brought i
 non-root user with the output on the host; the Slurm backend's `podman` runtime on the real
 two-node test cluster; and hadolint and checkov on the Dockerfile.
 
-The image is built once per session (under 5 minutes from an empty podman store on 2 cores,
-the whole file under 6; podman's layer cache makes later sessions take seconds). Run:
+The image is built once per session, in the background from the session's start
+(tests/image_build.py: under 5 minutes from an empty podman store on 2 cores; podman's layer
+cache makes later sessions take seconds). Run:
 
     .venv/bin/python -m pytest tests/test_container.py -s    # -s prints build time and size
 """
@@ -16,26 +17,22 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+import image_build
 from conftest import REPO, job_dict, require_binary, run_cli, subject_entry, write_job
+from image_build import IMAGE, LIMITS, PODMAN
 from slurm_cluster import wait_for_job
 
 # any test may be the first to ask for the image, and so pay for its build
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1800)]
-IMAGE = "localhost/dreamfleet:test"
-BASE = "localhost/dreamfleet-base:bookworm"
 UID = 10001  # the image's non-root user
-# This machine's podman works only with runc (crun refuses the hybrid cgroup setup) and with
-# lowered ulimits (the defaults cannot be set). Direct calls pass flags; the Slurm test gives
+# Direct podman calls pass runc and the lowered ulimits (tests/image_build.py); the Slurm test gives
 # podman the same settings through a containers.conf, as a cluster's nodes would have them.
-PODMAN = ["podman", "--runtime", "runc"]
-LIMITS = ["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024"]
 # pidns: both test "nodes" are this one host, so the two torchrun agents' containers share the
 # hostname (--network=host) and, each in its own PID namespace, the pid 1: the c10d rendezvous,
 # which tells agents apart by hostname and pid, would then wait forever for a second node.
@@ -50,31 +47,15 @@ runtime = "runc"
 
 
 @pytest.fixture(scope="session")
-def image(tmp_path_factory):
-    """The worker image built from docker/Dockerfile on a debootstrap base, once per session."""
+def image():
+    """The worker image built from docker/Dockerfile on a debootstrap base, once per session (in
+    the background from the session's start: tests/image_build.py)."""
     require_binary("podman", "debootstrap", "runc")
     if os.geteuid() != 0:
         pytest.skip("the container test runs rootful podman")
-    started = time.time()
-    base = subprocess.run(["bash", str(REPO / "docker" / "build-test-base.sh"), BASE], capture_output=True, text=True,
-                          timeout=900)
-    assert base.returncode == 0, base.stderr
-    base_s = time.time() - started
-    wheels = tmp_path_factory.mktemp("wheels")
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "torch==2.13.0", "-d", str(wheels)],
-                         capture_output=True, text=True, timeout=600)
-    assert got.returncode == 0 and list(wheels.glob("torch-*.whl")), got.stderr
-    ca = Path("/etc/ssl/certs/ca-certificates.crt")  # this machine's bundle knows its network's TLS proxy
-    cert = ["-v", f"{ca}:/run/host-ca.crt:ro", "--build-arg", "PIP_CERT=/run/host-ca.crt"] if ca.exists() else []
-    build = subprocess.run([*PODMAN, "build", *LIMITS, "--network=host",
-                            "-v", f"{wheels}:/wheels:ro", *cert,
-                            "--build-arg", f"BASE_IMAGE={BASE}", "--build-arg", "REVISION=test",
-                            "-f", str(REPO / "docker" / "Dockerfile"), "-t", IMAGE, str(REPO)],
-                           capture_output=True, text=True, timeout=1800)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    size = subprocess.run(["podman", "image", "inspect", IMAGE, "--format", "{{.Size}}"], capture_output=True, text=True)
-    print(f"\nimage {IMAGE}: base {base_s:.0f}s, built in {time.time() - started:.0f}s in all, "
-          f"{int(size.stdout.strip()) / 1e9:.2f} GB")
+    built, said = image_build.wait()
+    assert built, said
+    print(f"\n{said}")
     return IMAGE
 
 
