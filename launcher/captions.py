@@ -60,7 +60,8 @@ def decode_caption(data: bytes, name: str) -> str:
     return " ".join(text.split())
 
 
-def _mapped(captions: dict[str, str], uri: str) -> str | None:
+def mapped(captions: dict[str, str], uri: str) -> str | None:
+    """An image's caption in a subject's `captions` map: keyed by its path/URI or its file name."""
     if uri in captions:
         return captions[uri]
     return captions.get(uri.rstrip("/").rsplit("/", 1)[-1])
@@ -71,7 +72,7 @@ def captions_for(subject, uris: list[str], listed: set[str] | None = None) -> di
     folder when the caller listed it (a sidecar absent from it is not asked for)."""
     out: dict[str, str | None] = {}
     for uri in uris:
-        caption = _mapped(subject.captions, uri) if subject.captions else None
+        caption = mapped(subject.captions, uri) if subject.captions else None
         if caption is None:
             path = sidecar(uri)
             if listed is None or path.rsplit("/", 1)[-1] in listed:

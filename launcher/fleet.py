@@ -141,7 +141,7 @@ def record_invalid(job, subjects) -> dict[str, list[str]]:
     """Check every subject's images; mark the bad ones failed with the reason and `invalid` set
     (settled without an attempt: workers skip them, and no attempt is counted, since none ran).
     Returns {id: problems}."""
-    from launcher.subjects import check_subjects
+    from launcher.inputs_check import check_subjects
 
     bad = check_subjects(subjects, job.train.prompt_template)
     for sid, problems in bad.items():

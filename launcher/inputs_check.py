@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import sys
 import time
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -23,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from launcher import captions, storage
 from launcher.config import Subject
 from launcher.errors import InputError, StorageError
+from launcher.subjects import IMAGE_SUFFIXES, image_uris
 
 PARALLEL = 32  # subjects, and image reads, in flight at once
 MIN_SIDE = 8  # pixels: below it no resolution can train an image
@@ -36,11 +38,50 @@ class SubjectReport:
     warnings: list[str] = field(default_factory=list)  # worth a look; the subject still trains
 
 
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\) exceeds limit of (\d+)")
+
+
+def too_large(exc: Exception) -> str:
+    """Why Pillow refused an image as a decompression bomb, in words (shared with training.data)."""
+    m = _BOMB_PIXELS.search(str(exc))
+    size = f" ({int(m[1]):,} pixels, more than the {int(m[2]):,} an image may have)" if m else ""
+    return f"is too large{size}: resize it"
+
+
+def _unreadable(exc: StorageError) -> str | None:
+    """Why a path cannot be read, as one subject's problem (a directory, a symlink loop, no
+    permission); None where every subject would fail alike (an unreachable bucket after retries,
+    a missing filesystem package): that still ends the check."""
+    cause = exc.__cause__
+    if not isinstance(cause, OSError) or storage.is_transient(cause):
+        return None
+    if isinstance(cause, IsADirectoryError):
+        return "is a folder, not an image file"
+    return f"cannot be read ({cause.strerror or cause})"
+
+
+def _folder_problem(images: str) -> str | None:
+    """Why `images` names no folder at all: a missing path or a broken symbolic link."""
+    path = storage.local_path(images) if storage.is_local(images) else None
+    if path is not None and path.is_symlink() and not path.exists():
+        return f"image folder {images} is a broken symbolic link (a loop, or its target is missing)"
+    if not storage.exists(images):
+        return f"image folder {storage.redact(images)} does not exist"
+    return None
+
+
+def _is_file(uri: str) -> bool:
+    """Whether uri is one file, not a folder: a listing cannot tell (a file lists as itself), so
+    this is asked only when a folder seems to hold no images."""
+    if storage.is_local(uri):
+        return storage.local_path(uri).is_file()
+    fs, path = storage._fs(uri)
+    return storage.call(uri, "check", lambda: fs.isfile(path))
+
+
 def inspect_image(data: bytes, min_side: int = MIN_SIDE) -> str | None:
     """None if the bytes decode as an image with both sides at least `min_side`, else why not."""
     from PIL import Image, UnidentifiedImageError
-
-    from launcher.subjects import too_large
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -59,8 +100,6 @@ def inspect_image(data: bytes, min_side: int = MIN_SIDE) -> str | None:
 
 def _read(uri: str) -> tuple[bytes | None, str | None]:
     """(bytes, None), or (None, why the file cannot be read as one subject's problem)."""
-    from launcher.subjects import _unreadable
-
     try:
         return storage.read_bytes(uri), None
     except FileNotFoundError:
@@ -93,8 +132,6 @@ def _caption(uri: str) -> tuple[str | None, str | None]:
 def check_subject(subject: Subject, template: str = "{instance}", min_side: int = MIN_SIDE,
                   pool: Executor | None = None) -> SubjectReport:
     """Every problem and warning of one subject's images. `pool` runs the image reads (default: here)."""
-    from launcher.subjects import _folder_problem, _is_file, _unreadable, image_uris
-
     report = SubjectReport(subject.id)
     images = storage.redact(str(subject.images))
     listed = None
@@ -120,8 +157,6 @@ def check_subject(subject: Subject, template: str = "{instance}", min_side: int 
         report.problems.append(f"image folder {images} {why}")
         return report
     if not uris:
-        from launcher.subjects import IMAGE_SUFFIXES
-
         report.problems.append(f"image folder {images} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         return report
     submit = pool.submit if pool is not None else _here
@@ -132,7 +167,7 @@ def check_subject(subject: Subject, template: str = "{instance}", min_side: int 
     if need_captions:
         for uri in uris:
             path = captions.sidecar(uri)
-            known = uri in mapped or uri.rsplit("/", 1)[-1] in mapped
+            known = captions.mapped(mapped, uri) is not None
             if not known and (listed is None or path.rsplit("/", 1)[-1] in listed):
                 sidecars[uri] = submit(_caption, path)
     seen: dict[str, str] = {}
@@ -152,7 +187,7 @@ def check_subject(subject: Subject, template: str = "{instance}", min_side: int 
             if uri in sidecars:
                 caption, why = sidecars[uri].result()
             else:
-                caption, why = mapped.get(uri) or mapped.get(uri.rsplit("/", 1)[-1]), None
+                caption, why = captions.mapped(mapped, uri), None
             if why:
                 report.problems.append(why)
             elif not (caption and caption.strip()):
@@ -221,6 +256,11 @@ class _Progress:
     def close(self) -> None:
         if self.live is not None:
             self.live.stop()
+
+
+def check_subjects(subjects: list[Subject], template: str = "{instance}") -> dict[str, list[str]]:
+    """{id: problems} of the subjects that cannot train."""
+    return {r.id: r.problems for r in check_inputs(subjects, template) if r.problems}
 
 
 def summary(reports: list[SubjectReport], seconds: float) -> str:

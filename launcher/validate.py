@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from launcher import families, storage
 from launcher.config import JobConfig, Subject
 from launcher.errors import StorageError
-from launcher.inputs_check import MIN_SIDE, SubjectReport, check_inputs
-from launcher.subjects import check_subjects, resolve_subjects
+from launcher.inputs_check import MIN_SIDE, SubjectReport, check_inputs, check_subjects
+from launcher.subjects import resolve_subjects
 
 HUB_FAMILY = ("model.source: {source} is a Hub repo id, whose files are read only when a worker downloads it: "
               "name its family with model.family (sd, sdxl or flux)")

@@ -16,7 +16,8 @@ from conftest import job_dict, run_cli, write_job
 from launcher.config import Subject
 from launcher.errors import ConfigError, InputError
 from launcher.manifest import load_manifest
-from launcher.subjects import check_image_bytes, check_subject, check_subjects, resolve_subjects
+from launcher.inputs_check import check_subject, check_subjects, inspect_image
+from launcher.subjects import resolve_subjects
 
 
 @pytest.fixture
@@ -183,9 +184,9 @@ def test_resolve_subjects_reads_a_bom_csv(tmp_path, img):
 
 def test_an_oversized_image_is_too_large_not_a_crash(tmp_path, img):
     bomb = _png_header(20_000, 20_000)
-    assert check_image_bytes(bomb).startswith("is too large (400,000,000 pixels, more than the ")
+    assert inspect_image(bomb).startswith("is too large (400,000,000 pixels, more than the ")
     (img.parent / "huge.png").write_bytes(bomb)
-    [problem] = check_subject(Subject(id="a", images=str(img.parent), instance_prompt="p"))
+    [problem] = check_subject(Subject(id="a", images=str(img.parent), instance_prompt="p")).problems
     assert problem.startswith(f"{img.parent / 'huge.png'} is too large (400,000,000 pixels")
 
 
@@ -200,7 +201,7 @@ def test_the_worker_fails_the_subject_on_an_oversized_image():
 
 
 def test_images_naming_one_file(img):
-    [problem] = check_subject(Subject(id="a", images=str(img), instance_prompt="p"))
+    [problem] = check_subject(Subject(id="a", images=str(img), instance_prompt="p")).problems
     assert problem == f"images {img} is a file, not a folder: name image files in a list (images: [{img}])"
 
 

@@ -18,7 +18,7 @@ import torch
 from launcher import storage
 from launcher.config import TrainConfig
 from launcher.errors import InputError
-from launcher.subjects import too_large
+from launcher.inputs_check import too_large
 
 
 def _to_8_bit(img):

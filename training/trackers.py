@@ -167,14 +167,11 @@ class NoTrackers:
         pass
 
 
-MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
-
-
 def check_installed(names: list[str]) -> None:
     """Refuse, before any training, a tracker whose library is not installed."""
     import importlib.util
 
-    missing = [n for n in names if importlib.util.find_spec(MODULES[n]) is None]
+    missing = [n for n in names if importlib.util.find_spec(n) is None]  # each tracker's module has its name
     if missing:
         from launcher.errors import ConfigError
 
