@@ -103,7 +103,7 @@ def overlong(c, table: PromptTable, prompts: list[str], uris: list[str]) -> list
     windows = {part: ids.shape[-1] for part, ids in table.ids.items()}
     dropped: dict[str, int] = {}
     for text in table.texts:
-        counts = [len(c.tokenizers[part](text, truncation=False)["input_ids"]) - window
+        counts = [len(c.tokenizers[part](text, truncation=False, verbose=False)["input_ids"]) - window
                   for part, window in windows.items() if part in c.tokenizers]
         dropped[text] = max([0, *counts])
     return [(storage.redact(u), dropped[p]) for u, p in zip(uris, prompts) if dropped.get(p, 0) > 0]
